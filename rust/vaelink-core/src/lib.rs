@@ -1,0 +1,19 @@
+//! vaelink's pure Rust core.
+//!
+//! Everything a VAE service needs around the network itself: image codecs, the tensor wire format of
+//! the Hugging Face remote-VAE protocol, image <-> tensor pre/post-processing, latent packing, lossless
+//! tensor compression and safetensors files. It knows nothing of Python; `vaelink-py` binds it.
+
+pub mod compress;
+pub mod dtype;
+pub mod error;
+pub mod image_codec;
+pub mod latents_file;
+pub mod packing;
+pub mod process;
+pub mod wire;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use image_codec::RgbImage;
+pub use wire::TensorSpec;
