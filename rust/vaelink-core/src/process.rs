@@ -1,12 +1,15 @@
 //! Image <-> tensor conversion around the VAE: uint8 `NHWC` pixels to float `NCHW` in [-1, 1] and back,
 //! and fitting images to the VAE's spatial multiple.
 
-use fast_image_resize::{images::Image, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{
+    images::{Image, ImageRef},
+    PixelType, ResizeAlg, ResizeOptions, Resizer,
+};
 use rayon::prelude::*;
 
 use crate::dtype::Float;
 use crate::error::{tensor_err, Error, Result};
-use crate::image_codec::RgbImage;
+use crate::image_codec::{check_rgb_len, RgbImage};
 
 /// Below this many bytes of output, threads cost more than they save.
 const PARALLEL_MIN_BYTES: usize = 1 << 18;
@@ -150,24 +153,30 @@ impl FitMode {
     }
 }
 
-/// Makes both sides a multiple of `multiple`, rounding down; returns the image itself when they are.
-pub fn fit_to_multiple(image: &RgbImage, multiple: usize, mode: FitMode) -> Result<RgbImage> {
+/// Makes both sides of an interleaved RGB image a multiple of `multiple`, rounding down.
+pub fn fit_to_multiple(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    multiple: usize,
+    mode: FitMode,
+) -> Result<RgbImage> {
+    check_rgb_len(width, height, pixels.len())?;
     if multiple == 0 {
         return tensor_err!("multiple must be at least 1");
     }
-    let (w, h) = (image.width, image.height);
+    let (w, h) = (width, height);
     let (tw, th) = (w - w % multiple, h - h % multiple);
     if tw == 0 || th == 0 {
         return tensor_err!("image of {w}x{h} is smaller than the multiple {multiple}");
     }
     if (tw, th) == (w, h) {
-        return Ok(image.clone());
+        return RgbImage::new(w, h, pixels.to_vec());
     }
     match mode {
         FitMode::Crop => {
             let (x0, y0) = ((w - tw) / 2, (h - th) / 2);
-            let data = image
-                .data
+            let data = pixels
                 .chunks_exact(w * 3)
                 .skip(y0)
                 .take(th)
@@ -176,18 +185,23 @@ pub fn fit_to_multiple(image: &RgbImage, multiple: usize, mode: FitMode) -> Resu
                 .collect();
             RgbImage::new(tw, th, data)
         }
-        FitMode::Resize => resize(image, tw, th),
+        FitMode::Resize => resize(pixels, w, h, tw, th),
     }
 }
 
-/// Resamples with Lanczos3.
-pub fn resize(image: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
+/// Resamples an interleaved RGB image to `width x height` with Lanczos3.
+pub fn resize(
+    pixels: &[u8],
+    src_width: usize,
+    src_height: usize,
+    width: usize,
+    height: usize,
+) -> Result<RgbImage> {
     let err = |e: &dyn std::fmt::Display| Error::Tensor(format!("cannot resize: {e}"));
-    let (sw, sh, dw, dh) = [image.width, image.height, width, height]
-        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-        .into();
-    let src =
-        Image::from_vec_u8(sw, sh, image.data.clone(), PixelType::U8x3).map_err(|e| err(&e))?;
+    check_rgb_len(src_width, src_height, pixels.len())?;
+    let [sw, sh, dw, dh] =
+        [src_width, src_height, width, height].map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+    let src = ImageRef::new(sw, sh, pixels, PixelType::U8x3).map_err(|e| err(&e))?;
     let mut dst = Image::new(dw, dh, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(
         fast_image_resize::FilterType::Lanczos3,
@@ -269,15 +283,15 @@ mod tests {
     #[test]
     fn fit_crops_centre_or_resizes() {
         let img = RgbImage::new(10, 9, (0..270).map(|i| i as u8).collect()).unwrap();
-        let cropped = fit_to_multiple(&img, 8, FitMode::Crop).unwrap();
+        let fit =
+            |img: &RgbImage, m, mode| fit_to_multiple(&img.data, img.width, img.height, m, mode);
+        let cropped = fit(&img, 8, FitMode::Crop).unwrap();
         assert_eq!((cropped.width, cropped.height), (8, 8));
         assert_eq!(&cropped.data[..3], &img.data[3..6]); // x0 = 1, y0 = 0
-        let resized = fit_to_multiple(&img, 8, FitMode::Resize).unwrap();
+        let resized = fit(&img, 8, FitMode::Resize).unwrap();
         assert_eq!((resized.width, resized.height), (8, 8));
-        assert!(fit_to_multiple(&img, 16, FitMode::Crop).is_err());
-        assert_eq!(
-            fit_to_multiple(&cropped, 8, FitMode::Crop).unwrap(),
-            cropped
-        );
+        assert!(fit(&img, 16, FitMode::Crop).is_err());
+        assert!(fit(&img, 0, FitMode::Crop).is_err());
+        assert_eq!(fit(&cropped, 8, FitMode::Crop).unwrap(), cropped);
     }
 }

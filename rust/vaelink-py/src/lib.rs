@@ -1,1 +1,21 @@
+//! `vaelink._native`: the Python face of `vaelink-core`. Functions here only convert arguments, release
+//! the GIL around the core call and map errors to `vaelink.errors`; the typed API is in `python/vaelink`.
 
+mod arrays;
+mod errors;
+mod image;
+mod tensor;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add(
+        "DEFAULT_MAX_PIXELS",
+        vaelink_core::image_codec::DEFAULT_MAX_PIXELS,
+    )?;
+    m.add("DEFAULT_ZSTD_LEVEL", vaelink_core::compress::DEFAULT_LEVEL)?;
+    image::register(m)?;
+    tensor::register(m)?;
+    Ok(())
+}

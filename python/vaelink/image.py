@@ -1,0 +1,124 @@
+"""Image codecs (JPEG, PNG, WebP) and pixel fitting, run by the Rust core with the GIL released.
+
+Pixels are numpy `uint8` arrays of shape `(height, width, 3)`, RGB."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from . import _native
+from .errors import DecodeError, EncodeError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageInfo",
+    "decode_image",
+    "encode_image",
+    "fit_to_multiple",
+    "load_rgb",
+    "probe_image",
+]
+
+DEFAULT_MAX_PIXELS: int = _native.DEFAULT_MAX_PIXELS
+"""64 megapixels (8192 x 8192): larger images are refused from their header, before decoding."""
+
+ImageFormat = Literal["jpeg", "png", "webp"]
+BytesLike = bytes | bytearray | memoryview
+
+
+class ImageInfo(NamedTuple):
+    format: ImageFormat
+    width: int
+    height: int
+
+
+def _read_bytes(data: BytesLike | str | os.PathLike[str]) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, str | os.PathLike):
+        with open(data, "rb") as f:
+            return f.read()
+    raise TypeError(f"expected image bytes or a file path, got {type(data).__name__}")
+
+
+def decode_image(
+    data: BytesLike | str | os.PathLike[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Decodes JPEG, PNG or WebP bytes (or a file) into a `(H, W, 3)` uint8 RGB array.
+
+    Gray images are replicated to three channels; 16-bit samples keep their high byte (as Pillow).
+    Alpha is dropped by default, keeping each pixel's stored colour exactly as Pillow's
+    `convert("RGB")` does; pass `background=(r, g, b)` to composite over that colour instead.
+    EXIF orientation is not applied. Raises `DecodeError`, or `ImageTooLargeError` when the header
+    declares more than `max_pixels` pixels.
+    """
+    return _native.decode_image(_read_bytes(data), max_pixels, background)
+
+
+def probe_image(data: BytesLike | str | os.PathLike[str]) -> ImageInfo:
+    """The format and size of an encoded image, read from its header alone."""
+    fmt, width, height = _native.probe_image(_read_bytes(data))
+    return ImageInfo(fmt, width, height)
+
+
+def encode_image(
+    pixels: np.ndarray,
+    format: ImageFormat = "png",
+    *,
+    quality: int = 90,
+    png_level: int | None = None,
+) -> bytes:
+    """Encodes a `(H, W, 3)` uint8 RGB array.
+
+    - `jpeg`: baseline, 4:2:0, `quality` 1-100.
+    - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib at a
+      similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
+    - `webp`: lossless.
+    """
+    if not 0 <= quality <= 100:
+        raise EncodeError(f"JPEG quality must be 1 to 100, got {quality}")
+    if png_level is not None and not 0 <= png_level <= 9:
+        raise EncodeError(f"PNG level must be 0 to 9 or None, got {png_level}")
+    return _native.encode_image(_rgb_array(pixels), format, quality, png_level)
+
+
+def fit_to_multiple(
+    pixels: np.ndarray, multiple: int = 8, mode: Literal["crop", "resize"] = "crop"
+) -> np.ndarray:
+    """Makes both sides a multiple of `multiple` (a VAE's spatial factor), rounding down.
+
+    `crop` (default) cuts the centre, dropping at most `multiple - 1` rows and columns and resampling
+    nothing. `resize` resamples the whole image with Lanczos3, as diffusers' `VaeImageProcessor` does.
+    """
+    return _native.fit_to_multiple(_rgb_array(pixels), multiple, mode)
+
+
+def _rgb_array(pixels: np.ndarray) -> np.ndarray:
+    array = np.asarray(pixels)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise EncodeError(
+            f"expected a (height, width, 3) uint8 RGB array, got {array.dtype} {array.shape}"
+        )
+    return np.ascontiguousarray(array)
+
+
+def load_rgb(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any image-like input as a `(H, W, 3)` uint8 array: encoded bytes, a file path, a PIL image,
+    or an array (HWC uint8 RGB; gray `(H, W)` is replicated)."""
+    if isinstance(image, BytesLike | str | os.PathLike):
+        return decode_image(image, max_pixels=max_pixels)
+    if type(image).__module__.startswith("PIL."):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.ndim == 2:
+            return np.repeat(image[:, :, None], 3, axis=2)
+        return _rgb_array(image)
+    raise DecodeError(f"cannot read an image from {type(image).__name__}")

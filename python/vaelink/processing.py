@@ -1,0 +1,63 @@
+"""Pixels <-> VAE tensors, and Flux latent packing. Each call is one pass in the Rust core.
+
+- `preprocess`: uint8 `HWC`/`NHWC` -> `NCHW` in [-1, 1], exactly `2 * x / 255 - 1` in float32, then
+  rounded to the requested dtype.
+- `postprocess`: float `NCHW` -> uint8 `NHWC`, exactly numpy's
+  `np.round(np.clip(x.astype(np.float32) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)` (NaN -> 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _native
+from .dtypes import DTypeName, bfloat16, dtype_name, from_bits, to_bits
+from .errors import TensorError
+
+__all__ = ["pack_latents", "postprocess", "preprocess", "unpack_latents"]
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
+    """uint8 `(H, W, 3)` or `(N, H, W, 3)` -> `(N, 3, H, W)` float32/float16/bfloat16 in [-1, 1]."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        raise TensorError(f"preprocess takes uint8 images, got {array.dtype}")
+    out = _native.preprocess(_contiguous(array), dtype)
+    return from_bits(out) if dtype == "bfloat16" else out
+
+
+def postprocess(tensor: np.ndarray) -> np.ndarray:
+    """float32/float16/bfloat16 `(N, C, H, W)` in about [-1, 1] -> uint8 `(N, H, W, C)`."""
+    array = np.asarray(tensor)
+    if array.dtype not in (np.float32, np.float16, bfloat16):
+        raise TensorError(f"postprocess takes float32, float16 or bfloat16, got {array.dtype}")
+    return _native.postprocess(to_bits(_contiguous(array)))
+
+
+def _movable(latents: np.ndarray) -> np.ndarray:
+    array = _contiguous(np.asarray(latents))
+    dtype_name(array.dtype)  # the four wire dtypes only
+    return to_bits(array)
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    """Flux packing: `(B, C, H, W) -> (B, H/2 * W/2, 4C)`, as diffusers' `FluxPipeline._pack_latents`."""
+    array = np.asarray(latents)
+    out = _native.pack_latents(_movable(array))
+    return out.view(array.dtype)
+
+
+def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Flux unpacking for an image of `height x width` pixels: `(B, HW/4, 4C) -> (B, C, H, W)` with
+    `H = 2 * (height // 16)`, `W = 2 * (width // 16)`, as `FluxPipeline._unpack_latents`."""
+    if height < 0 or width < 0:
+        raise TensorError(f"image size must be positive, got {height}x{width}")
+    array = np.asarray(latents)
+    out = _native.unpack_latents(_movable(array), height, width)
+    return out.view(array.dtype)

@@ -1,0 +1,50 @@
+"""Latents on disk as safetensors: several named tensors and string metadata per file.
+
+Readable by `safetensors.numpy.load_file` / `safetensors.torch.load_file` and vice versa."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _native
+from .dtypes import dtype_name, numpy_dtype, to_bits
+
+__all__ = ["latents_from_bytes", "latents_to_bytes", "load_latents", "save_latents"]
+
+Tensors = Mapping[str, np.ndarray]
+
+
+def latents_to_bytes(tensors: Tensors, metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialises named tensors (float16, bfloat16, float32, uint8) and metadata to safetensors."""
+    entries = []
+    for name, tensor in tensors.items():
+        array = np.asarray(tensor)
+        wire_name = dtype_name(array.dtype)
+        array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        raw = to_bits(array).reshape(-1).view(np.uint8)
+        entries.append((name, raw, list(array.shape), wire_name))
+    return _native.serialize_safetensors(entries, dict(metadata) if metadata else None)
+
+
+def latents_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parses safetensors bytes into `({name: array}, metadata)`, tensors in file order."""
+    tensors, metadata = _native.deserialize_safetensors(data)
+    arrays = {
+        name: raw.view(numpy_dtype(dtype)).reshape(shape) for name, raw, shape, dtype in tensors
+    }
+    return arrays, metadata
+
+
+def save_latents(
+    path: str | os.PathLike[str], tensors: Tensors, metadata: Mapping[str, str] | None = None
+) -> None:
+    with open(path, "wb") as f:
+        f.write(latents_to_bytes(tensors, metadata))
+
+
+def load_latents(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with open(path, "rb") as f:
+        return latents_from_bytes(f.read())
