@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from . import _native
-from .errors import DecodeError, EncodeError
+from .errors import DecodeError, EncodeError, TensorError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -78,12 +78,13 @@ def encode_image(
 ) -> bytes:
     """Encodes a `(H, W, 3)` uint8 RGB array.
 
-    - `jpeg`: baseline, 4:2:0, `quality` 1-100.
+    - `jpeg`: baseline, `quality` 1-100; chroma is subsampled 4:2:0 below quality 90, kept whole
+      (4:4:4) from 90 up.
     - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib at a
       similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
     - `webp`: lossless.
     """
-    if not 0 <= quality <= 100:
+    if not 1 <= quality <= 100:
         raise EncodeError(f"JPEG quality must be 1 to 100, got {quality}")
     if png_level is not None and not 0 <= png_level <= 9:
         raise EncodeError(f"PNG level must be 0 to 9 or None, got {png_level}")
@@ -98,6 +99,8 @@ def fit_to_multiple(
     `crop` (default) cuts the centre, dropping at most `multiple - 1` rows and columns and resampling
     nothing. `resize` resamples the whole image with Lanczos3, as diffusers' `VaeImageProcessor` does.
     """
+    if multiple < 1:
+        raise TensorError(f"multiple must be at least 1, got {multiple}")
     return _native.fit_to_multiple(_rgb_array(pixels), multiple, mode)
 
 

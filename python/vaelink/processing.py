@@ -35,22 +35,23 @@ def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
 def postprocess(tensor: np.ndarray) -> np.ndarray:
     """float32/float16/bfloat16 `(N, C, H, W)` in about [-1, 1] -> uint8 `(N, H, W, C)`."""
     array = np.asarray(tensor)
-    if array.dtype not in (np.float32, np.float16, bfloat16):
+    if array.dtype.newbyteorder("=") not in (np.float32, np.float16, bfloat16):  # ">f4" too
         raise TensorError(f"postprocess takes float32, float16 or bfloat16, got {array.dtype}")
     return _native.postprocess(to_bits(_contiguous(array)))
 
 
 def _movable(latents: np.ndarray) -> np.ndarray:
+    """Contiguous little-endian latents of a wire dtype (bfloat16 as its uint16 bits)."""
     array = _contiguous(np.asarray(latents))
     dtype_name(array.dtype)  # the four wire dtypes only
-    return to_bits(array)
+    return array
 
 
 def pack_latents(latents: np.ndarray) -> np.ndarray:
     """Flux packing: `(B, C, H, W) -> (B, H/2 * W/2, 4C)`, as diffusers' `FluxPipeline._pack_latents`."""
-    array = np.asarray(latents)
-    out = _native.pack_latents(_movable(array))
-    return out.view(array.dtype)
+    array = _movable(latents)
+    out = _native.pack_latents(to_bits(array))
+    return out.view(array.dtype)  # little-endian, like the data the core moved
 
 
 def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -58,6 +59,6 @@ def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
     `H = 2 * (height // 16)`, `W = 2 * (width // 16)`, as `FluxPipeline._unpack_latents`."""
     if height < 0 or width < 0:
         raise TensorError(f"image size must be positive, got {height}x{width}")
-    array = np.asarray(latents)
-    out = _native.unpack_latents(_movable(array), height, width)
-    return out.view(array.dtype)
+    array = _movable(latents)
+    out = _native.unpack_latents(to_bits(array), height, width)
+    return out.view(array.dtype)  # little-endian, like the data the core moved

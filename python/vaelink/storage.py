@@ -23,9 +23,10 @@ def latents_to_bytes(tensors: Tensors, metadata: Mapping[str, str] | None = None
     for name, tensor in tensors.items():
         array = np.asarray(tensor)
         wire_name = dtype_name(array.dtype)
+        shape = list(array.shape)  # before `ascontiguousarray`, which makes a 0-d array 1-d
         array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
         raw = to_bits(array).reshape(-1).view(np.uint8)
-        entries.append((name, raw, list(array.shape), wire_name))
+        entries.append((name, raw, shape, wire_name))
     return _native.serialize_safetensors(entries, dict(metadata) if metadata else None)
 
 

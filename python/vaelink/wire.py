@@ -37,13 +37,13 @@ class WireTensor(NamedTuple):
 
 def to_bfloat16(array: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 with round-to-nearest-even (NaN stays NaN), without torch."""
-    src = np.ascontiguousarray(array, dtype=np.float32)
+    src = np.require(array, np.float32, "C")  # not ascontiguousarray: it makes 0-d arrays 1-d
     return from_bits(_native.f32_to_bf16(src))
 
 
 def from_bfloat16(array: np.ndarray) -> np.ndarray:
     """bfloat16 (or its uint16 bits) -> float32, exactly."""
-    src = np.ascontiguousarray(array)
+    src = np.require(array, requirements="C")
     if src.dtype not in (bfloat16, np.uint16):
         raise TensorError(f"expected a bfloat16 array, got {src.dtype}")
     return _native.bf16_to_f32(to_bits(src))
@@ -72,16 +72,21 @@ def from_wire(body: bytes | bytearray | memoryview, shape: Sequence[int], dtype:
     """A wire body as an array, without copying (read-only when `body` is `bytes`).
 
     The length must match `shape` and `dtype` exactly; bfloat16 comes back as `ml_dtypes.bfloat16`."""
-    dims = _native.check_wire_tensor(list(shape), dtype, memoryview(body).nbytes)
+    try:
+        dims = _native.check_wire_tensor(list(shape), dtype, memoryview(body).nbytes)
+    except OverflowError:  # a dimension beyond 64 bits: hostile or garbled, not a programming error
+        raise TensorError(f"tensor shape {list(shape)} is too large") from None
     return np.frombuffer(body, dtype=numpy_dtype(dtype)).reshape(dims)
 
 
 def compress(array: np.ndarray, level: int = _native.DEFAULT_ZSTD_LEVEL) -> bytes:
     """Lossless: byte-shuffle + zstd behind a self-describing header (shape and dtype included)."""
-    array = _little_endian(np.asarray(array))
+    array = np.asarray(array)
+    shape = list(array.shape)  # before `_little_endian`, which makes a 0-d array 1-d
+    array = _little_endian(array)
     name = dtype_name(array.dtype)
     raw = to_bits(array).reshape(-1).view(np.uint8)
-    return _native.compress_tensor(raw, list(array.shape), name, level)
+    return _native.compress_tensor(raw, shape, name, level)
 
 
 def decompress(data: bytes | bytearray | memoryview) -> np.ndarray:

@@ -5,6 +5,7 @@ use fast_image_resize::{
     images::{Image, ImageRef},
     PixelType, ResizeAlg, ResizeOptions, Resizer,
 };
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::dtype::Float;
@@ -109,10 +110,18 @@ pub fn postprocess<T: Float>(src: &[T], dims: Dims, out: &mut [u8]) -> Result<()
         .zip(out.chunks_exact_mut(c * plane))
     {
         let convert_row = |(y, out_row): (usize, &mut [u8])| {
+            // Quantise a run of one channel into a small buffer (a loop the compiler vectorises),
+            // then interleave the bytes into the NHWC row.
+            let mut run = [0u8; QUANTISE_RUN];
             for ch in 0..c {
                 let src_row = &src_img[ch * plane + y * w..][..w];
-                for (x, &v) in src_row.iter().enumerate() {
-                    out_row[x * c + ch] = to_u8(v.to_f32());
+                for (k, src_run) in src_row.chunks(QUANTISE_RUN).enumerate() {
+                    let run = &mut run[..src_run.len()];
+                    quantise(src_run, run);
+                    let first = k * QUANTISE_RUN;
+                    for (i, &q) in run.iter().enumerate() {
+                        out_row[(first + i) * c + ch] = q;
+                    }
                 }
             }
         };
@@ -128,10 +137,24 @@ pub fn postprocess<T: Float>(src: &[T], dims: Dims, out: &mut [u8]) -> Result<()
     Ok(())
 }
 
+const QUANTISE_RUN: usize = 256;
+
+/// 2^23: adding and subtracting it rounds a float in [0, 2^22] to an integer, half to even, in the
+/// default rounding mode - the same result as `round_ties_even`, but plain SSE2 arithmetic.
+const ROUNDING_MAGIC: f32 = 8_388_608.0;
+
+#[multiversion(targets = "simd")]
+fn quantise<T: Float>(src: &[T], out: &mut [u8]) {
+    for (q, &v) in out.iter_mut().zip(src) {
+        *q = to_u8(v.to_f32());
+    }
+}
+
 #[inline(always)]
 fn to_u8(x: f32) -> u8 {
     // NaN survives the clamp and `as u8` maps it to 0, like numpy's uint8 cast of NaN on x86.
-    ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
+    let y = (x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0;
+    ((y + ROUNDING_MAGIC) - ROUNDING_MAGIC) as u8
 }
 
 /// How [`fit_to_multiple`] makes both sides a multiple of the VAE's spatial factor.
@@ -274,6 +297,14 @@ mod tests {
         assert_eq!(to_u8(5.0), 255);
         assert_eq!(to_u8(f32::NAN), 0);
         assert_eq!(to_u8(0.0), 128); // 0.5 * 255 = 127.5 -> 128 (even)
+        for k in 0..=255u32 {
+            // Exact ties k + 0.5 and their neighbours agree with round_ties_even.
+            for y in [k as f32, k as f32 + 0.5, k as f32 + 0.49999997, k as f32 + 0.50000006] {
+                let x = (y / 255.0 - 0.5) * 2.0;
+                let expected = ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
+                assert_eq!(to_u8(x), expected, "x = {x}");
+            }
+        }
         let src = [-1.0f32, 1.0, 0.0, 0.0, 2.0, -2.0];
         let mut out = [0u8; 6];
         postprocess(&src, dims(1, 3, 1, 2), &mut out).unwrap();

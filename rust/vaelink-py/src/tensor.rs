@@ -245,12 +245,12 @@ fn compress_tensor<'py>(
     Ok(PyBytes::new(py, &packed))
 }
 
+/// Raw tensor bytes as a uint8 array, with the tensor's shape and dtype name.
+type RawBytes<'py> = (Bound<'py, PyArrayDyn<u8>>, Vec<usize>, &'static str);
+
 /// Returns `(raw bytes as a uint8 array, shape, dtype name)`.
 #[pyfunction]
-fn decompress_tensor<'py>(
-    py: Python<'py>,
-    data: &[u8],
-) -> PyResult<(Bound<'py, PyArrayDyn<u8>>, Vec<usize>, &'static str)> {
+fn decompress_tensor<'py>(py: Python<'py>, data: &[u8]) -> PyResult<RawBytes<'py>> {
     let (spec, raw) = py.detach(|| compress::decompress(data)).py()?;
     let len = raw.len();
     Ok((

@@ -1,0 +1,124 @@
+"""Benchmarks of the Rust core against the peers a user would otherwise call, in the same run.
+
+    python benches/bench_core.py            # writes benches/results/core-<machine>.json
+
+- JPEG decode vs Pillow and simplejpeg (libjpeg-turbo), photos at 512/1024/2048;
+- PNG encode: vaelink's fast setting vs Pillow's default level (what diffusers' `remote_encode` uses);
+- pre/post-processing vs the numpy reference expressions;
+- wire body and bfloat16 conversion throughput vs a plain memory copy.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from common import median_seconds, photo, pillow_jpeg, write_results  # noqa: E402
+
+import vaelink  # noqa: E402
+
+SIZES = (512, 1024, 2048)
+
+
+def jpeg_decode(pixels: np.ndarray) -> dict[str, float]:
+    import simplejpeg
+    from PIL import Image
+
+    data = pillow_jpeg(pixels)
+    return {
+        "vaelink_ms": 1e3 * median_seconds(lambda: vaelink.decode_image(data)),
+        "pillow_ms": 1e3
+        * median_seconds(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))),
+        "simplejpeg_ms": 1e3 * median_seconds(lambda: simplejpeg.decode_jpeg(data)),
+        "bytes": len(data),
+    }
+
+
+def png_encode(pixels: np.ndarray) -> dict[str, float]:
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+
+    def pillow_default() -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # compress_level 6, as diffusers' remote_encode saves
+        return buf.getvalue()
+
+    ours = vaelink.encode_image(pixels, "png")
+    theirs = pillow_default()
+    assert np.array_equal(vaelink.decode_image(ours), pixels)
+    return {
+        "vaelink_fast_ms": 1e3 * median_seconds(lambda: vaelink.encode_image(pixels, "png")),
+        "pillow_default_ms": 1e3 * median_seconds(pillow_default, min_runs=3),
+        "vaelink_fast_bytes": len(ours),
+        "pillow_default_bytes": len(theirs),
+    }
+
+
+def processing(pixels: np.ndarray) -> dict[str, float]:
+    batch = pixels[None]
+    pre_ref = lambda: np.ascontiguousarray(  # noqa: E731
+        (2 * batch.astype(np.float32) / 255 - 1).transpose(0, 3, 1, 2)
+    )
+    tensor = pre_ref()
+    post_ref = lambda: np.ascontiguousarray(  # noqa: E731
+        np.round(np.clip(tensor / 2 + 0.5, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    )
+    assert np.array_equal(vaelink.preprocess(batch), pre_ref())
+    assert np.array_equal(vaelink.postprocess(tensor), post_ref())
+    return {
+        "preprocess_vaelink_ms": 1e3 * median_seconds(lambda: vaelink.preprocess(batch)),
+        "preprocess_numpy_ms": 1e3 * median_seconds(pre_ref),
+        "postprocess_vaelink_ms": 1e3 * median_seconds(lambda: vaelink.postprocess(tensor)),
+        "postprocess_numpy_ms": 1e3 * median_seconds(post_ref),
+    }
+
+
+def throughput(size: int) -> dict[str, float]:
+    """GB/s of input bytes for wire and bfloat16 work on a float32 latent-sized tensor."""
+    x = np.random.default_rng(0).standard_normal((1, 16, size // 8, size // 8 * 8), np.float32)
+    body = vaelink.to_wire(x).body
+    bf = vaelink.to_bfloat16(x)
+    dst = np.empty_like(x)
+    gbs = lambda seconds: x.nbytes / seconds / 1e9  # noqa: E731
+    return {
+        "tensor_mb": x.nbytes / 1e6,
+        "memcpy_gbs": gbs(median_seconds(lambda: np.copyto(dst, x))),
+        "to_wire_gbs": gbs(median_seconds(lambda: vaelink.to_wire(x))),
+        "from_wire_gbs": gbs(median_seconds(lambda: vaelink.from_wire(body, x.shape, "float32"))),
+        "f32_to_bf16_gbs": gbs(median_seconds(lambda: vaelink.to_bfloat16(x))),
+        "bf16_to_f32_gbs": gbs(median_seconds(lambda: vaelink.from_bfloat16(bf))),
+    }
+
+
+def main() -> None:
+    results: dict[str, dict] = {"jpeg_decode": {}, "png_encode": {}, "processing": {}, "wire": {}}
+    for size in SIZES:
+        pixels = photo(size)
+        results["jpeg_decode"][size] = jpeg_decode(pixels)
+        results["png_encode"][size] = png_encode(pixels)
+        results["processing"][size] = processing(pixels)
+        results["wire"][size] = throughput(size)
+    summary = {}
+    for size in SIZES:
+        j, p, q = (results[k][size] for k in ("jpeg_decode", "png_encode", "processing"))
+        summary[size] = {
+            "jpeg_decode_vs_pillow": j["pillow_ms"] / j["vaelink_ms"],
+            "jpeg_decode_vs_simplejpeg": j["simplejpeg_ms"] / j["vaelink_ms"],
+            "png_encode_speedup_vs_pillow": p["pillow_default_ms"] / p["vaelink_fast_ms"],
+            "png_size_ratio_vs_pillow": p["vaelink_fast_bytes"] / p["pillow_default_bytes"],
+            "preprocess_speedup_vs_numpy": q["preprocess_numpy_ms"] / q["preprocess_vaelink_ms"],
+            "postprocess_speedup_vs_numpy": q["postprocess_numpy_ms"] / q["postprocess_vaelink_ms"],
+        }
+    results["summary (ratios > 1: vaelink faster; size ratio < 1: smaller)"] = summary
+    path = write_results("core", results)
+    for size, row in summary.items():
+        print(size, {k: round(v, 2) for k, v in row.items()})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

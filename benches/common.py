@@ -1,0 +1,81 @@
+"""Shared benchmark helpers: timing, the machine's description, photos, JSON results."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_seconds(fn: Callable[[], Any], *, min_runs: int = 5, min_time: float = 0.5) -> float:
+    """Median wall time of `fn` after one warm-up call, over at least `min_runs` runs and `min_time`."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": platform.node(),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def photo(size: int) -> np.ndarray:
+    """A real photo (scikit-image's openly licensed retina / astronaut images) at `size x size`:
+    the centre square, resampled with Pillow's Lanczos."""
+    from PIL import Image
+    from skimage import data
+
+    source = data.retina() if size > 512 else data.astronaut()
+    h, w = source.shape[:2]
+    side = min(h, w)
+    square = source[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+    img = Image.fromarray(np.ascontiguousarray(square)).resize((size, size), Image.LANCZOS)
+    return np.asarray(img)
+
+
+def pillow_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    label = os.environ.get("VAELINK_BENCH_MACHINE", platform.node() or "unknown")
+    path = RESULTS / f"{name}-{label}.json"
+    path.write_text(json.dumps({"machine": machine(), **results}, indent=2) + "\n")
+    return path
