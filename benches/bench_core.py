@@ -16,9 +16,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from common import median_seconds, photo, pillow_jpeg, write_results  # noqa: E402
-
-import vaelink  # noqa: E402
+import vaelink
+from common import median_seconds, photo, pillow_jpeg, write_results
 
 SIZES = (512, 1024, 2048)
 

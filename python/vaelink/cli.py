@@ -45,22 +45,64 @@ def demo(args: argparse.Namespace) -> int:
     print(f"{path.name}: {info.format} {info.width}x{info.height}, {len(data)} bytes")
     pixels = _timed("decode", lambda: image.decode_image(data))
     fitted = _timed("fit to a multiple of 8 (centre crop)", lambda: image.fit_to_multiple(pixels))
-    tensor = _timed("preprocess -> float16 NCHW in [-1, 1]", lambda: processing.preprocess(
-        fitted, "float16"))
-    body = _timed("wire body (bfloat16)", lambda: wire.to_wire(tensor.astype(np.float32),
-                                                               "bfloat16"))
+    tensor = _timed(
+        "preprocess -> float16 NCHW in [-1, 1]", lambda: processing.preprocess(fitted, "float16")
+    )
+    body = _timed(
+        "wire body (bfloat16)", lambda: wire.to_wire(tensor.astype(np.float32), "bfloat16")
+    )
     packed = _timed("zstd + byte-shuffle", lambda: wire.compress(tensor))
     back = _timed("postprocess -> uint8 NHWC", lambda: processing.postprocess(tensor))[0]
     png = _timed("encode PNG (fast)", lambda: image.encode_image(back, "png"))
     jpeg = _timed("encode JPEG (quality 90)", lambda: image.encode_image(back, "jpeg", quality=90))
     webp = _timed("encode WebP (lossless)", lambda: image.encode_image(back, "webp"))
-    for name, encoded in (("roundtrip.png", png), ("roundtrip.jpg", jpeg), ("roundtrip.webp", webp)):
+    for name, encoded in (
+        ("roundtrip.png", png),
+        ("roundtrip.jpg", jpeg),
+        ("roundtrip.webp", webp),
+    ):
         (out / name).write_bytes(encoded)
     exact = np.array_equal(back, fitted)
-    print(f"tensor {tensor.shape} {tensor.dtype}; bfloat16 body {len(body.body)} bytes; "
-          f"compressed {len(packed)} of {tensor.nbytes} bytes")
+    print(
+        f"tensor {tensor.shape} {tensor.dtype}; bfloat16 body {len(body.body)} bytes; "
+        f"compressed {len(packed)} of {tensor.nbytes} bytes"
+    )
     print(f"pixels -> tensor -> pixels is exact: {exact}; outputs in {out}/")
     return 0 if exact else 1
+
+
+def models(args: argparse.Namespace) -> int:
+    """Lists the model cards and which of them are exported on this machine."""
+    from .registry import list_cards
+    from .store import ModelNotExportedError, find_export, read_manifest
+
+    print(f"{'model':<10} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
+    for card in list_cards():
+        try:
+            folder = find_export(card.name)
+            status = ",".join(read_manifest(folder, verify=False).variants)
+        except ModelNotExportedError:
+            status = "-"
+        print(
+            f"{card.name:<10} {card.architecture:<16} {card.latent_channels:>6}  {status:<28} "
+            f"{card.description}"
+        )
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Exports a model's VAE to ONNX (needs torch and diffusers, and the weights)."""
+    from .export import export_model
+
+    folder = export_model(
+        args.model,
+        source=args.source,
+        revision=args.revision,
+        output=Path(args.output) if args.output else None,
+        variants=args.variants.split(","),
+    )
+    print(f"exported {args.model} to {folder}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="a JPEG, PNG or WebP (default: a sample photo)")
     p.add_argument("-o", "--output", default="vaelink-demo", help="output folder")
     p.set_defaults(run=demo)
+    p = commands.add_parser("models", help="list the known models and what is exported")
+    p.set_defaults(run=models)
+    p = commands.add_parser("export", help="export a model's VAE to ONNX (needs torch)")
+    p.add_argument("model", help="a model name from `vaelink models`")
+    p.add_argument("--source", help="another hub repo id, a diffusers folder or a checkpoint file")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--output", help="export folder (default: the vaelink cache)")
+    p.add_argument(
+        "--variants",
+        default="float32,float16",
+        help="comma-separated: float32, float16, float16-cuda",
+    )
+    p.set_defaults(run=export)
     return parser
 
 

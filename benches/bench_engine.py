@@ -1,0 +1,124 @@
+"""The local engine against diffusers' eager forward pass, same weights and inputs, same run.
+
+    python benches/bench_engine.py                       # CPU: medium and real SD configs
+    python benches/bench_engine.py --device cuda         # GPU: real SD architecture, 512-2048
+
+Weights are seeded random at the real SD-family architecture (128/256/512/512, 4 latent channels);
+speed does not depend on the weights' values. Results: benches/results/engine-<device>-<machine>.json.
+On CUDA it also records peak memory and a tiled 4096 x 4096 decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_seconds, write_results
+
+CONFIGS = {
+    # The SD1.x/SDXL/SD3/FLUX.1 body (4 latent channels as in SD1.x/SDXL).
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    # A quarter-width model of the same shape, so the CPU run finishes in minutes.
+    "medium": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
+}
+
+
+def build_vae(config: str) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        **CONFIGS[config],
+    ).eval()
+
+
+def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[str, Any]:
+    import torch
+    from vaelink.engine import Engine
+    from vaelink.export import export_vae
+    from vaelink.registry import get_card
+
+    card = get_card("sd15")
+    vae = build_vae(config)
+    variants = ("float32", "float16", "float16-cuda") if device == "cuda" else ("float32",)
+    t0 = time.perf_counter()
+    export = export_vae(vae, card, folder / config, variants=variants)
+    export_s = time.perf_counter() - t0
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    vae = vae.to(device=device, dtype=dtype)
+    engine = Engine(export, provider="cpu" if device == "cpu" else "cuda")
+    runs = 3 if device == "cpu" else 10
+    rows: dict[str, Any] = {"export_seconds": export_s}
+    for size in sizes:
+        rng = np.random.default_rng(size)
+        image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+        x = torch.from_numpy(2 * image.astype(np.float32) / 255 - 1).permute(0, 3, 1, 2)
+        x = x.to(device, dtype)
+        z = torch.from_numpy(latents / card.scaling_factor).to(device, dtype)
+
+        def sync() -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def diffusers_encode(x: Any = x) -> None:
+            with torch.no_grad():
+                vae.encode(x).latent_dist.mean.cpu()
+            sync()
+
+        def diffusers_decode(z: Any = z) -> None:
+            with torch.no_grad():
+                vae.decode(z).sample.cpu()
+            sync()
+
+        def vaelink_encode(image: np.ndarray = image) -> None:
+            engine.encode(image, tile=False)
+
+        def vaelink_decode(latents: np.ndarray = latents) -> None:
+            engine.decode(latents, output="float", tile=False)
+
+        def ms(fn: Any) -> float:
+            return 1e3 * median_seconds(fn, min_runs=runs, min_time=0)
+
+        row = {
+            "diffusers_encode_ms": ms(diffusers_encode),
+            "vaelink_encode_ms": ms(vaelink_encode),
+            "diffusers_decode_ms": ms(diffusers_decode),
+            "vaelink_decode_ms": ms(vaelink_decode),
+        }
+        row["encode_speedup"] = row["diffusers_encode_ms"] / row["vaelink_encode_ms"]
+        row["decode_speedup"] = row["diffusers_decode_ms"] / row["vaelink_decode_ms"]
+        print(config, size, {k: round(v, 2) for k, v in row.items()}, flush=True)
+        rows[str(size)] = row
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        plan = {"sd": [512, 1024, 2048]}
+    else:
+        plan = {"medium": [256, 512], "sd": [256]}
+    results: dict[str, Any] = {"device": args.device}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, sizes in plan.items():
+            results[config] = measure(config, sizes, args.device, Path(tmp))
+    path = write_results(f"engine-{args.device}", results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

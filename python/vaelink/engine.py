@@ -1,0 +1,334 @@
+"""The local engine: exported VAEs run by ONNX Runtime - the CUDA execution provider when present,
+the CPU provider otherwise - with batches sliced and images tiled to fit a memory budget.
+
+No torch at run time; torch tensors are accepted and returned when given."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from . import processing
+from .errors import TensorError, VaelinkError
+from .image import load_rgb
+from .registry import ModelCard
+from .store import Manifest, find_export, read_manifest
+from .tiling import TileGrid, run_tiled
+
+__all__ = ["DEFAULT_MODEL", "Engine", "EngineError"]
+
+DEFAULT_MODEL = "vaelink-tiny"
+Provider = Literal["auto", "cpu", "cuda"]
+Output = Literal["uint8", "float"]
+
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+
+
+class EngineError(VaelinkError, RuntimeError):
+    """ONNX Runtime could not load or run a model."""
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError(
+            "the local engine needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)"
+        ) from None
+    return onnxruntime
+
+
+def _available_memory() -> int:
+    """Bytes of RAM available now (Linux), else a conservative 4 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak activation memory of one image through a graph, from the architecture's widths.
+
+    Convolutions keep a few full-resolution feature maps of the widest full-resolution block alive;
+    the mid-block attention of AutoencoderKL adds an (h*w)^2 score matrix at latent resolution."""
+
+    full_res_channels: int
+    attention: bool
+    live_maps: int = 6
+
+    def bytes(self, height: int, width: int, itemsize: int) -> int:
+        pixels = height * width
+        tokens = pixels // 64
+        conv = self.live_maps * self.full_res_channels * pixels * itemsize
+        attention = tokens * tokens * itemsize if self.attention else 0
+        return conv + attention
+
+
+class Engine:
+    """Runs one exported model.
+
+    `model` is a card name (exported with `vaelink export NAME`, or bundled) or an export folder.
+    `provider`: `auto` picks CUDA when onnxruntime-gpu sees a GPU. `dtype`: float16 by default on
+    CUDA (non-finite pieces are recomputed in float32), float32 on the CPU. `memory_limit` (bytes)
+    caps the activation memory vaelink plans for, and ONNX Runtime's CUDA arena. `tile_size` (pixels,
+    a multiple of the spatial factor) overrides the tiling policy: 512 on the CPU, 1024 on CUDA."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        provider: Provider = "auto",
+        dtype: Literal["float32", "float16"] | None = None,
+        memory_limit: int | None = None,
+        tile_size: int | None = None,
+    ) -> None:
+        folder = Path(model) if Path(model).is_dir() else find_export(str(model))
+        self.folder = folder
+        self.manifest: Manifest = read_manifest(folder)
+        self.card: ModelCard = self.manifest.card
+        ort = _ort()
+        if provider == "auto":
+            provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        if provider not in ("cpu", "cuda"):
+            raise EngineError(f"unknown provider {provider!r}; expected auto, cpu or cuda")
+        self.provider = provider
+        self.dtype = dtype or ("float16" if provider == "cuda" else "float32")
+        self.memory_limit = memory_limit
+        f = self.card.spatial_factor
+        if tile_size is not None and (tile_size < 2 * f or tile_size % f):
+            raise EngineError(f"tile_size must be a multiple of {f} and at least {2 * f}")
+        self.tile_size = tile_size
+        config = self.manifest.source.get("config", {})
+        self.memory = MemoryModel(
+            full_res_channels=int(config.get("full_res_channels", 128)),
+            attention=bool(config.get("attention", self.card.has_posterior)),
+        )
+        self._sessions: dict[tuple[str, str], Any] = {}
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _variant(self, dtype: str) -> str:
+        variants = self.manifest.variants
+        if dtype == "float16" and self.provider == "cuda" and "float16-cuda" in variants:
+            return "float16-cuda"
+        if dtype not in variants:
+            raise EngineError(f"{self.card.name} has no {dtype} export; export it again")
+        return dtype
+
+    def _session(self, part: str, dtype: str) -> Any:
+        key = (part, self._variant(dtype))
+        if key not in self._sessions:
+            ort = _ort()
+            path = self.folder / self.manifest.variants[key[1]][part]["file"]
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if self.provider == "cuda":
+                cuda = {"arena_extend_strategy": "kSameAsRequested"}
+                if self.memory_limit:
+                    cuda["gpu_mem_limit"] = str(self.memory_limit)
+                providers.insert(0, ("CUDAExecutionProvider", cuda))
+            try:
+                self._sessions[key] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise EngineError(f"cannot load {path}: {e}") from e
+        return self._sessions[key]
+
+    def _run_graph(self, part: str, x: np.ndarray) -> np.ndarray:
+        """One forward pass in the engine's dtype; non-finite float16 output is redone in float32."""
+        result = self._run_session(part, x, self.dtype)
+        if self.dtype != "float32" and not np.isfinite(result).all():
+            result = self._run_session(part, x, "float32")
+        return result
+
+    def _run_session(self, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
+        session = self._session(part, dtype)
+        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.dtype(dtype))}
+        try:
+            (out,) = session.run(None, feed)
+        except Exception as e:
+            raise EngineError(f"{self.card.name} {part} failed on input {x.shape}: {e}") from e
+        return out.astype(np.float32, copy=False)
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def _budget(self) -> int:
+        if self.memory_limit:
+            return self.memory_limit
+        return (8 << 30) if self.provider == "cuda" else _available_memory() // 2
+
+    def _itemsize(self) -> int:
+        return 2 if self.dtype == "float16" else 4
+
+    def _plan(self, height: int, width: int, tile: bool | None, grid: TileGrid) -> TileGrid | None:
+        """Tiles when asked to, or when one image would not fit the budget."""
+        if tile is False:
+            return None
+        too_big = self.memory.bytes(height, width, self._itemsize()) > self._budget()
+        return grid if tile or too_big else None
+
+    def _batch_slices(self, n: int, height: int, width: int) -> list[slice]:
+        per_image = max(1, self.memory.bytes(height, width, self._itemsize()))
+        step = max(1, min(n, self._budget() // per_image))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _tile_px(self) -> int:
+        if self.tile_size:
+            return self.tile_size
+        return 1024 if self.provider == "cuda" else 512
+
+    def _apply(
+        self, part: str, x: np.ndarray, height: int, width: int, tile: bool | None, grid: TileGrid
+    ) -> np.ndarray:
+        plan = self._plan(height, width, tile, grid)
+        run: Callable[[np.ndarray], np.ndarray] = lambda t: self._run_graph(part, t)  # noqa: E731
+        if plan is not None:
+            return np.concatenate([run_tiled(run, x[i : i + 1], plan) for i in range(len(x))])
+        pieces = [run(x[s]) for s in self._batch_slices(len(x), height, width)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        images: Any,
+        *,
+        sample: bool = False,
+        seed: int | None = None,
+        noise: np.ndarray | None = None,
+        tile: bool | None = None,
+    ) -> Any:
+        """Images -> scaled latents `[B, C, H/8, W/8]` float32 (a torch tensor when given one).
+
+        `images`: uint8 `HWC`/`NHWC` arrays, PIL images, paths or bytes (a list of same-size images
+        is a batch), or float `NCHW` in [-1, 1] (numpy or torch). AutoencoderKL models return the
+        posterior mean, or with `sample=True` `mean + std * noise` (noise from `seed`, or given).
+        """
+        x, like_torch = _to_nchw_float(images)
+        self._check_image_tensor(x)
+        f = self.card.spatial_factor
+        grid = TileGrid(tile=self._tile_px(), overlap=self._tile_px() // 4, num=1, den=f)
+        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid)
+        z = self._posterior(moments, sample, seed, noise)
+        latents = (z - self.card.shift_factor) * self.card.scaling_factor
+        return _like(latents.astype(np.float32, copy=False), like_torch)
+
+    def _posterior(
+        self, moments: np.ndarray, sample: bool, seed: int | None, noise: np.ndarray | None
+    ) -> np.ndarray:
+        if not self.card.has_posterior:
+            return moments  # tiny autoencoders are deterministic
+        mean, logvar = np.split(moments, 2, axis=1)
+        if not sample:
+            return mean
+        if noise is None:
+            noise = np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != mean.shape:
+            raise TensorError(f"noise has shape {noise.shape}, latents have {mean.shape}")
+        std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
+        return mean + std * noise
+
+    def decode(
+        self,
+        latents: Any,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        output: Output = "uint8",
+        tile: bool | None = None,
+    ) -> Any:
+        """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
+        decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
+        `width` (the image size in pixels)."""
+        like_torch = _is_torch(latents)
+        z = _to_numpy(latents).astype(np.float32, copy=False)
+        if z.ndim == 3:
+            if height is None or width is None:
+                raise TensorError("packed 3-D latents need height and width (pixels)")
+            z = processing.unpack_latents(z, height, width)
+        self._check_latents(z)
+        z = z / self.card.scaling_factor + self.card.shift_factor
+        f = self.card.spatial_factor
+        tile_latent = self._tile_px() // f
+        grid = TileGrid(tile=tile_latent, overlap=tile_latent // 4, num=f, den=1)
+        image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid)
+        if output == "float":
+            return _like(image, like_torch)
+        if output != "uint8":
+            raise TensorError(f"unknown output {output!r}; expected uint8 or float")
+        return _like(processing.postprocess(image), like_torch)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check_image_tensor(self, x: np.ndarray) -> None:
+        f = self.card.spatial_factor
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise TensorError(f"images must be 3-channel NCHW, got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise TensorError("empty batch")
+        if x.shape[2] % f or x.shape[3] % f or x.shape[2] == 0 or x.shape[3] == 0:
+            raise TensorError(
+                f"image size {x.shape[2]}x{x.shape[3]} must be a positive multiple of {f} "
+                "(vaelink.fit_to_multiple crops or resizes)"
+            )
+        if not np.isfinite(x).all():
+            raise TensorError("images contain NaN or infinity")
+
+    def _check_latents(self, z: np.ndarray) -> None:
+        c = self.card.latent_channels
+        if z.ndim != 4 or z.shape[1] != c:
+            raise TensorError(f"{self.card.name} latents must be [B, {c}, H, W], got {z.shape}")
+        if 0 in z.shape:
+            raise TensorError(f"empty latents {z.shape}")
+        if not np.isfinite(z).all():
+            raise TensorError("latents contain NaN or infinity")
+
+
+# -- input conversion -------------------------------------------------------------------------------
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if _is_torch(value):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value)
+
+
+def _like(array: np.ndarray, torch_output: bool) -> Any:
+    if torch_output:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return array
+
+
+def _to_nchw_float(images: Any) -> tuple[np.ndarray, bool]:
+    """Any batch of images as float32 NCHW in [-1, 1], and whether the input was torch."""
+    if _is_torch(images):
+        return _to_numpy(images), True
+    if isinstance(images, Sequence) and not isinstance(images, str | bytes | bytearray):
+        if not images:
+            raise TensorError("empty batch")
+        arrays = [load_rgb(image) for image in images]
+        if len({a.shape for a in arrays}) != 1:
+            raise TensorError("images in a batch must have the same size")
+        return processing.preprocess(np.stack(arrays)), False
+    if isinstance(images, np.ndarray) and images.dtype != np.uint8:
+        x = images.astype(np.float32, copy=False)
+        return (x[None] if x.ndim == 3 else x), False
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return processing.preprocess(images), False
+    return processing.preprocess(load_rgb(images)), False
