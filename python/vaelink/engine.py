@@ -143,12 +143,46 @@ class Engine:
                 raise EngineError(f"cannot load {path}: {e}") from e
         return self._sessions[key]
 
-    def _run_graph(self, part: str, x: np.ndarray) -> np.ndarray:
-        """One forward pass in the engine's dtype; non-finite float16 output is redone in float32."""
-        result = self._run_session(part, x, self.dtype)
-        if self.dtype != "float32" and not np.isfinite(result).all():
-            result = self._run_session(part, x, "float32")
+    def _run_graph(self, part: str, x: Any) -> Any:
+        """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
+        numpy arrays go through `session.run`; torch tensors stay on their device (IO binding)."""
+        run = self._run_bound if _is_torch(x) else self._run_session
+        result = run(part, x, self.dtype)
+        if self.dtype != "float32" and not bool(_xp(result).isfinite(result).all()):
+            result = run(part, x, "float32")
         return result
+
+    def _out_shape(self, part: str, shape: Sequence[int]) -> tuple[int, ...]:
+        b, _, h, w = shape
+        f = self.card.spatial_factor
+        if part == "decoder":
+            return (b, 3, h * f, w * f)
+        c = self.card.latent_channels * (2 if self.card.has_posterior else 1)
+        return (b, c, h // f, w // f)
+
+    def _run_bound(self, part: str, x: Any, dtype: str) -> Any:
+        """Runs on torch memory in place: input and output bound to the tensors' device buffers."""
+        import torch
+
+        session = self._session(part, dtype)
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        x = x.to(torch_dtype).contiguous()
+        out = torch.empty(self._out_shape(part, x.shape), dtype=torch_dtype, device=x.device)
+        device = "cuda" if x.is_cuda else "cpu"
+        index = x.device.index or 0
+        binding = session.io_binding()
+        for bind, arg, tensor in (
+            (binding.bind_input, session.get_inputs()[0], x),
+            (binding.bind_output, session.get_outputs()[0], out),
+        ):
+            bind(arg.name, device, index, np.dtype(dtype), tuple(tensor.shape), tensor.data_ptr())
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:
+            raise EngineError(
+                f"{self.card.name} {part} failed on input {tuple(x.shape)}: {e}"
+            ) from e
+        return out.float()
 
     def _run_session(self, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
         session = self._session(part, dtype)
@@ -192,9 +226,10 @@ class Engine:
         plan = self._plan(height, width, tile, grid)
         run: Callable[[np.ndarray], np.ndarray] = lambda t: self._run_graph(part, t)  # noqa: E731
         if plan is not None:
-            return np.concatenate([run_tiled(run, x[i : i + 1], plan) for i in range(len(x))])
-        pieces = [run(x[s]) for s in self._batch_slices(len(x), height, width)]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            pieces = [run_tiled(run, x[i : i + 1], plan) for i in range(len(x))]
+        else:
+            pieces = [run(x[s]) for s in self._batch_slices(len(x), height, width)]
+        return pieces[0] if len(pieces) == 1 else _xp(x).concatenate(pieces)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -213,29 +248,34 @@ class Engine:
         is a batch), or float `NCHW` in [-1, 1] (numpy or torch). AutoencoderKL models return the
         posterior mean, or with `sample=True` `mean + std * noise` (noise from `seed`, or given).
         """
-        x, like_torch = _to_nchw_float(images)
+        x = _to_nchw_float(images)
         self._check_image_tensor(x)
         f = self.card.spatial_factor
         grid = TileGrid(tile=self._tile_px(), overlap=self._tile_px() // 4, num=1, den=f)
         moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid)
         z = self._posterior(moments, sample, seed, noise)
-        latents = (z - self.card.shift_factor) * self.card.scaling_factor
-        return _like(latents.astype(np.float32, copy=False), like_torch)
+        return (z - self.card.shift_factor) * self.card.scaling_factor
 
     def _posterior(
         self, moments: np.ndarray, sample: bool, seed: int | None, noise: np.ndarray | None
     ) -> np.ndarray:
         if not self.card.has_posterior:
             return moments  # tiny autoencoders are deterministic
-        mean, logvar = np.split(moments, 2, axis=1)
+        c = self.card.latent_channels
+        mean, logvar = moments[:, :c], moments[:, c:]
         if not sample:
             return mean
         if noise is None:
-            noise = np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
-        noise = np.asarray(noise, dtype=np.float32)
-        if noise.shape != mean.shape:
-            raise TensorError(f"noise has shape {noise.shape}, latents have {mean.shape}")
-        std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
+            # numpy's generator for both kinds of input, so a seed means the same noise everywhere.
+            noise = np.random.default_rng(seed).standard_normal(tuple(mean.shape), np.float32)
+        if tuple(noise.shape) != tuple(mean.shape):
+            raise TensorError(
+                f"noise has shape {tuple(noise.shape)}, latents have {tuple(mean.shape)}"
+            )
+        xp = _xp(mean)
+        if xp is not np:
+            noise = xp.as_tensor(np.asarray(noise), dtype=mean.dtype, device=mean.device)
+        std = xp.exp(0.5 * xp.clip(logvar, *LOGVAR_RANGE))
         return mean + std * noise
 
     def decode(
@@ -250,12 +290,11 @@ class Engine:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
         `width` (the image size in pixels)."""
-        like_torch = _is_torch(latents)
-        z = _to_numpy(latents).astype(np.float32, copy=False)
+        z = _as_float32(latents)
         if z.ndim == 3:
             if height is None or width is None:
                 raise TensorError("packed 3-D latents need height and width (pixels)")
-            z = processing.unpack_latents(z, height, width)
+            z = _unpack(z, height, width)
         self._check_latents(z)
         z = z / self.card.scaling_factor + self.card.shift_factor
         f = self.card.spatial_factor
@@ -263,10 +302,16 @@ class Engine:
         grid = TileGrid(tile=tile_latent, overlap=tile_latent // 4, num=f, den=1)
         image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid)
         if output == "float":
-            return _like(image, like_torch)
+            return image
         if output != "uint8":
             raise TensorError(f"unknown output {output!r}; expected uint8 or float")
-        return _like(processing.postprocess(image), like_torch)
+        if _is_torch(image):
+            import torch
+
+            # The same expression as vaelink.postprocess, in torch on the tensor's device.
+            pixels = ((image / 2 + 0.5).clip(0, 1) * 255).round()
+            return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return processing.postprocess(image)
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -281,7 +326,7 @@ class Engine:
                 f"image size {x.shape[2]}x{x.shape[3]} must be a positive multiple of {f} "
                 "(vaelink.fit_to_multiple crops or resizes)"
             )
-        if not np.isfinite(x).all():
+        if not bool(_xp(x).isfinite(x).all()):
             raise TensorError("images contain NaN or infinity")
 
     def _check_latents(self, z: np.ndarray) -> None:
@@ -290,7 +335,7 @@ class Engine:
             raise TensorError(f"{self.card.name} latents must be [B, {c}, H, W], got {z.shape}")
         if 0 in z.shape:
             raise TensorError(f"empty latents {z.shape}")
-        if not np.isfinite(z).all():
+        if not bool(_xp(z).isfinite(z).all()):
             raise TensorError("latents contain NaN or infinity")
 
 
@@ -301,34 +346,51 @@ def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if _is_torch(value):
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value)
-
-
-def _like(array: np.ndarray, torch_output: bool) -> Any:
-    if torch_output:
+def _xp(array: Any) -> Any:
+    """The array namespace of `array`: numpy, or torch for tensors (which stay on their device)."""
+    if _is_torch(array):
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array))
-    return array
+        return torch
+    return np
 
 
-def _to_nchw_float(images: Any) -> tuple[np.ndarray, bool]:
-    """Any batch of images as float32 NCHW in [-1, 1], and whether the input was torch."""
+def _as_float32(value: Any) -> Any:
+    if _is_torch(value):
+        return value.float()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _unpack(z: Any, height: int, width: int) -> Any:
+    if _is_torch(z):
+        import torch
+
+        unpacked = processing.unpack_latents(z.detach().cpu().numpy(), height, width)
+        return torch.from_numpy(unpacked).to(z.device)
+    return processing.unpack_latents(z, height, width)
+
+
+def _to_nchw_float(images: Any) -> Any:
+    """Any batch of images as float32 NCHW in [-1, 1]: torch tensors stay torch (uint8 NHWC ones are
+    normalised in torch), everything else becomes numpy."""
     if _is_torch(images):
-        return _to_numpy(images), True
+        import torch
+
+        if images.dtype == torch.uint8:
+            x = images if images.ndim == 4 else images[None]
+            return x.permute(0, 3, 1, 2).float() * 2 / 255 - 1
+        x = images.float()
+        return x if x.ndim == 4 else x[None]
     if isinstance(images, Sequence) and not isinstance(images, str | bytes | bytearray):
         if not images:
             raise TensorError("empty batch")
         arrays = [load_rgb(image) for image in images]
         if len({a.shape for a in arrays}) != 1:
             raise TensorError("images in a batch must have the same size")
-        return processing.preprocess(np.stack(arrays)), False
+        return processing.preprocess(np.stack(arrays))
     if isinstance(images, np.ndarray) and images.dtype != np.uint8:
         x = images.astype(np.float32, copy=False)
-        return (x[None] if x.ndim == 3 else x), False
+        return x[None] if x.ndim == 3 else x
     if isinstance(images, np.ndarray) and images.ndim == 4:
-        return processing.preprocess(images), False
-    return processing.preprocess(load_rgb(images)), False
+        return processing.preprocess(images)
+    return processing.preprocess(load_rgb(images))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,27 +60,38 @@ class TileGrid:
         return tile_starts(size, self.tile, self.overlap, align=self.den)
 
 
-def run_tiled(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Applies `fn` (NCHW -> NC'H'W') tile by tile over `x` and blends the results."""
+def run_tiled(fn: Callable[[Any], Any], x: Any, grid: TileGrid) -> Any:
+    """Applies `fn` (NCHW -> NC'H'W') tile by tile over `x` and blends the results. `x` is a numpy
+    array or a torch tensor; the blend happens where `x` lives."""
+    as_x = _converter(x)
     _, _, height, width = x.shape
     ys, xs = grid._starts(height), grid._starts(width)
     th, tw = min(grid.tile, height), min(grid.tile, width)
-    out: np.ndarray | None = None
-    weight = np.zeros((grid.out(height), grid.out(width)), np.float32)
+    out: Any = None
+    weight = as_x(np.zeros((grid.out(height), grid.out(width)), np.float32))
     for y in ys:
         for x0 in xs:
-            result = np.asarray(fn(x[:, :, y : y + th, x0 : x0 + tw]), dtype=np.float32)
+            result = fn(x[:, :, y : y + th, x0 : x0 + tw])
             oy, ox, oh, ow = grid.out(y), grid.out(x0), grid.out(th), grid.out(tw)
             # Ramps only where this tile meets another: overlaps are measured in output samples.
             overlap_y = min(grid.out(grid.overlap), oh // 2)
             overlap_x = min(grid.out(grid.overlap), ow // 2)
             wy = _ramp(oh, overlap_y, y > 0, y + th < height)
             wx = _ramp(ow, overlap_x, x0 > 0, x0 + tw < width)
-            w = wy[:, None] * wx[None, :]
+            w = as_x(wy[:, None] * wx[None, :])
             if out is None:
-                out = np.zeros((*result.shape[:2], grid.out(height), grid.out(width)), np.float32)
+                shape = (*result.shape[:2], grid.out(height), grid.out(width))
+                out = as_x(np.zeros(shape, np.float32))
             out[:, :, oy : oy + oh, ox : ox + ow] += result * w
             weight[oy : oy + oh, ox : ox + ow] += w
-    assert out is not None
     out /= weight
     return out
+
+
+def _converter(like: Any) -> Callable[[np.ndarray], Any]:
+    """Moves numpy arrays to where `like` lives (torch tensors' device), or leaves them as they are."""
+    if type(like).__module__.startswith("torch"):
+        import torch
+
+        return lambda a: torch.from_numpy(a).to(like.device)
+    return lambda a: a
