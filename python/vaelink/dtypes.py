@@ -1,7 +1,7 @@
 """The four element types of the remote-VAE wire format and their numpy dtypes.
 
-numpy has no bfloat16 of its own; vaelink uses `ml_dtypes.bfloat16` (the dtype JAX and ONNX use), whose
-arrays cross into the Rust core as their uint16 bits."""
+numpy has no bfloat16 of its own; vaelink uses `ml_dtypes.bfloat16` (the dtype JAX and ONNX use),
+whose arrays cross into the Rust core as their uint16 bits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import numpy as np
 
 from .errors import TensorError
 
-__all__ = ["WIRE_DTYPES", "DTypeName", "bfloat16", "dtype_name", "from_bits", "numpy_dtype", "to_bits"]
+__all__ = [
+    "WIRE_DTYPES",
+    "DTypeName",
+    "bfloat16",
+    "dtype_name",
+    "from_bits",
+    "numpy_dtype",
+    "to_bits",
+]
 
 DTypeName = Literal["float16", "bfloat16", "float32", "uint8"]
 
@@ -43,7 +51,9 @@ def dtype_name(dtype: np.dtype | type) -> DTypeName:
     for name, candidate in WIRE_DTYPES.items():
         if dt == candidate:
             return name  # type: ignore[return-value]
-    raise TensorError(f"dtype {dt} cannot travel on the wire; use float16, bfloat16, float32 or uint8")
+    raise TensorError(
+        f"dtype {dt} cannot travel on the wire; use float16, bfloat16, float32 or uint8"
+    )
 
 
 def to_bits(array: np.ndarray) -> np.ndarray:

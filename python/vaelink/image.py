@@ -60,6 +60,12 @@ def decode_image(
     EXIF orientation is not applied. Raises `DecodeError`, or `ImageTooLargeError` when the header
     declares more than `max_pixels` pixels.
     """
+    if max_pixels < 1:
+        raise DecodeError(f"max_pixels must be positive, got {max_pixels}")
+    if background is not None and (
+        len(background) != 3 or not all(0 <= int(c) <= 255 for c in background)
+    ):
+        raise DecodeError(f"background must be three values in 0..255, got {background!r}")
     return _native.decode_image(_read_bytes(data), max_pixels, background)
 
 
@@ -80,8 +86,8 @@ def encode_image(
 
     - `jpeg`: baseline, `quality` 1-100; chroma is subsampled 4:2:0 below quality 90, kept whole
       (4:4:4) from 90 up.
-    - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib at a
-      similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
+    - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib
+      at a similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
     - `webp`: lossless.
     """
     if not 1 <= quality <= 100:
@@ -96,8 +102,9 @@ def fit_to_multiple(
 ) -> np.ndarray:
     """Makes both sides a multiple of `multiple` (a VAE's spatial factor), rounding down.
 
-    `crop` (default) cuts the centre, dropping at most `multiple - 1` rows and columns and resampling
-    nothing. `resize` resamples the whole image with Lanczos3, as diffusers' `VaeImageProcessor` does.
+    `crop` (default) cuts the centre, dropping at most `multiple - 1` rows and columns and
+    resampling nothing. `resize` resamples the whole image with Lanczos3, as diffusers'
+    `VaeImageProcessor` does.
     """
     if multiple < 1:
         raise TensorError(f"multiple must be at least 1, got {multiple}")

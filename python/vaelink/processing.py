@@ -48,7 +48,8 @@ def _movable(latents: np.ndarray) -> np.ndarray:
 
 
 def pack_latents(latents: np.ndarray) -> np.ndarray:
-    """Flux packing: `(B, C, H, W) -> (B, H/2 * W/2, 4C)`, as diffusers' `FluxPipeline._pack_latents`."""
+    """Flux packing: `(B, C, H, W) -> (B, H/2 * W/2, 4C)`, as diffusers'
+    `FluxPipeline._pack_latents`."""
     array = _movable(latents)
     out = _native.pack_latents(to_bits(array))
     return out.view(array.dtype)  # little-endian, like the data the core moved

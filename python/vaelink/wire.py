@@ -1,7 +1,7 @@
 """The tensor wire format of the remote-VAE protocol, bfloat16 conversion, and lossless compression.
 
-On the wire a tensor is its contiguous little-endian element buffer; `shape` and `dtype` travel beside
-it (query string for requests, headers for responses)."""
+On the wire a tensor is its contiguous little-endian element buffer; `shape` and `dtype` travel
+beside it (query string for requests, headers for responses)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def to_wire(array: np.ndarray, dtype: DTypeName | None = None) -> WireTensor:
 def from_wire(body: bytes | bytearray | memoryview, shape: Sequence[int], dtype: str) -> np.ndarray:
     """A wire body as an array, without copying (read-only when `body` is `bytes`).
 
-    The length must match `shape` and `dtype` exactly; bfloat16 comes back as `ml_dtypes.bfloat16`."""
+    The length must match `shape` and `dtype` exactly; bfloat16 comes back as
+    `ml_dtypes.bfloat16`."""
     try:
         dims = _native.check_wire_tensor(list(shape), dtype, memoryview(body).nbytes)
     except OverflowError:  # a dimension beyond 64 bits: hostile or garbled, not a programming error

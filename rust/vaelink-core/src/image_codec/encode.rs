@@ -84,7 +84,9 @@ pub fn encode_rgb(
         }
         ImageFormat::Png => encode_png(pixels, width, height, options.png_compression, &mut out)?,
         ImageFormat::WebP => {
-            if width > 16384 || height > 16384 {
+            // libwebp's limit (WEBP_MAX_DIMENSION). The lossless header could say 16384, but
+            // image-webp's decoder (0.2.4) reads such a side as 0, so it could not be read back.
+            if width > 16383 || height > 16383 {
                 return Err(Error::Encode(format!(
                     "{width}x{height} is too large for WebP (16383 at most per side)"
                 )));
