@@ -16,8 +16,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-import vaelink
 from common import median_seconds, photo, pillow_jpeg, write_results
+
+import vaelink
 
 SIZES = (512, 1024, 2048)
 

@@ -45,6 +45,7 @@ def build_vae(config: str) -> Any:
 
 def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[str, Any]:
     import torch
+
     from vaelink.engine import Engine
     from vaelink.export import export_vae
     from vaelink.registry import get_card
@@ -97,11 +98,70 @@ def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[st
             "diffusers_decode_ms": ms(diffusers_decode),
             "vaelink_decode_ms": ms(vaelink_decode),
         }
+        if device == "cuda":
+            row.update(cuda_memory(vae, z, export, latents))
         row["encode_speedup"] = row["diffusers_encode_ms"] / row["vaelink_encode_ms"]
         row["decode_speedup"] = row["diffusers_decode_ms"] / row["vaelink_decode_ms"]
         print(config, size, {k: round(v, 2) for k, v in row.items()}, flush=True)
         rows[str(size)] = row
     return rows
+
+
+def device_used_bytes() -> int:
+    """GPU memory in use on device 0, as the driver sees it (ONNX Runtime's arena included)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+
+
+def cuda_memory(vae: Any, z: Any, export: Path, latents: np.ndarray) -> dict[str, float]:
+    """Peak extra memory of one decode: torch's allocator peak for diffusers; for vaelink the growth
+    of device memory across a fresh engine's first decode (its arena grows only as requested)."""
+    import torch
+
+    from vaelink.engine import Engine
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        vae.decode(z)
+    torch.cuda.synchronize()
+    diffusers_peak = torch.cuda.max_memory_allocated() - base
+    before = device_used_bytes()
+    Engine(export, provider="cuda").decode(latents, output="float", tile=False)
+    vaelink_peak = device_used_bytes() - before
+    return {
+        "diffusers_decode_peak_gib": diffusers_peak / 2**30,
+        "vaelink_decode_peak_gib": vaelink_peak / 2**30,
+    }
+
+
+def tiled_decode(folder: Path, size: int, reference_size: int) -> dict[str, float]:
+    """A tiled decode of `size` x `size` on a fresh engine: time per pixel against an untiled
+    `reference_size` decode, and the device memory it added."""
+    from vaelink.engine import Engine
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    small = rng.standard_normal((1, 4, reference_size // 8, reference_size // 8), dtype=np.float32)
+    before = device_used_bytes()
+    engine = Engine(folder / "sd", provider="cuda")
+    tiled_s = median_seconds(
+        lambda: engine.decode(big, output="float", tile=True), min_runs=3, min_time=0
+    )
+    added = device_used_bytes() - before
+    untiled_s = median_seconds(
+        lambda: engine.decode(small, output="float", tile=False), min_runs=3, min_time=0
+    )
+    per_pixel = (tiled_s / size**2) / (untiled_s / reference_size**2)
+    return {
+        "size": size,
+        "tiled_ms": 1e3 * tiled_s,
+        "extra_gib": added / 2**30,
+        "time_per_pixel_vs_untiled": per_pixel,
+    }
 
 
 def main() -> None:
@@ -116,6 +176,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config, sizes in plan.items():
             results[config] = measure(config, sizes, args.device, Path(tmp))
+        if args.device == "cuda":
+            results["tiled_4096_decode"] = tiled_decode(Path(tmp), 4096, 2048)
+            print(results["tiled_4096_decode"])
     path = write_results(f"engine-{args.device}", results)
     print(f"wrote {path}")
 

@@ -1,0 +1,138 @@
+"""Trains vaelink's bundled model, `vaelink-tiny`, from scratch on the CPU, and exports it into the
+package (python/vaelink/models/vaelink-tiny/), so that vaelink works offline out of the box.
+
+    python models/train_bundled.py                 # the shipped run (seeded; see models/README.md)
+    python models/train_bundled.py --steps 50      # a quick smoke run into a scratch folder
+
+The model is an AutoencoderTiny-style (TAESD-family) autoencoder: spatial factor 8, 16 latent
+channels (like taesd3 / taef1), 32-wide conv blocks. Training data: openly licensed photos shipped
+inside scikit-image, random crops with flips and colour jitter; `chelsea` and `rocket` are held out.
+Loss: mean squared error plus 0.1 x L1 on pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderTiny
+from PIL import Image
+from skimage import data
+
+from vaelink.export import export_vae
+from vaelink.registry import get_card
+
+TRAIN = ["astronaut", "coffee", "motorcycle_left", "motorcycle_right", "retina",
+         "hubble_deep_field", "immunohistochemistry", "camera", "moon", "coins", "brick",
+         "grass", "gravel", "page", "text", "cell", "colorwheel", "logo", "horse", "clock"]
+HELD_OUT = ["chelsea", "rocket"]
+PACKAGE_EXPORT = Path(__file__).resolve().parents[1] / "python" / "vaelink" / "models" / "vaelink-tiny"
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A scikit-image sample as uint8 RGB (gray replicated, alpha dropped)."""
+    if name == "motorcycle_left":
+        image = data.stereo_motorcycle()[0]
+    elif name == "motorcycle_right":
+        image = data.stereo_motorcycle()[1]
+    else:
+        image = getattr(data, name)()
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.dtype != np.uint8:
+        image = (255 * (image - image.min()) / max(1e-8, np.ptp(image))).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def build_model() -> AutoencoderTiny:
+    torch.manual_seed(0)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        num_encoder_blocks=(1, 2, 2, 2),
+        num_decoder_blocks=(2, 2, 2, 1),
+        latent_channels=16,
+    )
+
+
+def augment(image: np.ndarray, crop: int, rng: random.Random) -> np.ndarray:
+    """Random rescale, crop, flip and colour jitter -> float32 CHW in [-1, 1]."""
+    h, w = image.shape[:2]
+    scale = rng.uniform(max(crop / min(h, w), 0.35), 1.0)
+    size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
+    img = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC), np.float32) / 255
+    y, x = rng.randrange(img.shape[0] - crop + 1), rng.randrange(img.shape[1] - crop + 1)
+    img = img[y : y + crop, x : x + crop]
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    gray = img.mean(axis=2, keepdims=True)
+    img = gray + (img - gray) * rng.uniform(0.8, 1.2)  # saturation
+    img = (img - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.08, 0.08)  # contrast, brightness
+    img = np.clip(img, 0, 1)
+    return np.ascontiguousarray((img * 2 - 1).transpose(2, 0, 1))
+
+
+def train(steps: int, batch: int, crop: int, lr: float, log_every: int) -> tuple[AutoencoderTiny, dict]:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    photos = [load_photo(name) for name in TRAIN]
+    model = build_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    rng = random.Random(0)
+    start = time.time()
+    history = []
+    for step in range(1, steps + 1):
+        x = torch.from_numpy(np.stack([augment(rng.choice(photos), crop, rng) for _ in range(batch)]))
+        y = model.decoder(model.encoder(x))
+        mse = torch.mean((y - x) ** 2)
+        loss = mse + 0.1 * torch.mean(torch.abs(y - x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps:
+            psnr = 10 * np.log10(4 / mse.item())  # peak-to-peak 2 in [-1, 1]
+            history.append({"step": step, "loss": loss.item(), "train_psnr_db": psnr,
+                            "seconds": time.time() - start})
+            print(f"step {step:5d}  loss {loss.item():.4f}  train PSNR {psnr:5.2f} dB  "
+                  f"{time.time() - start:6.0f} s", flush=True)
+    model.eval()
+    return model, {"steps": steps, "batch": batch, "crop": crop, "lr": lr,
+                   "seconds": time.time() - start, "history": history}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"export folder (default: {PACKAGE_EXPORT} for the full run)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, record = train(args.steps, args.batch, args.crop, args.lr, log_every=50)
+    output = args.output or (PACKAGE_EXPORT if args.steps >= 3000 else Path("vaelink-tiny-scratch"))
+    source = {"location": "models/train_bundled.py", "training": {
+        k: v for k, v in record.items() if k != "history"}, "train_photos": TRAIN,
+        "held_out_photos": HELD_OUT}
+    export_vae(model, get_card("vaelink-tiny"), output, variants=("float32", "float16"),
+               source=source)
+    (output.parent / f"{output.name}-training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"exported to {output}")
+
+
+if __name__ == "__main__":
+    main()
