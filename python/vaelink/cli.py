@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -74,7 +75,7 @@ def demo(args: argparse.Namespace) -> int:
 def models(args: argparse.Namespace) -> int:
     """Lists the model cards and which of them are exported on this machine."""
     from .registry import list_cards
-    from .store import ModelNotExportedError, find_export, read_manifest
+    from .store import CorruptExportError, ModelNotExportedError, find_export, read_manifest
 
     print(f"{'model':<10} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
     for card in list_cards():
@@ -83,6 +84,8 @@ def models(args: argparse.Namespace) -> int:
             status = ",".join(read_manifest(folder, verify=False).variants)
         except ModelNotExportedError:
             status = "-"
+        except CorruptExportError:
+            status = "corrupt: export again"
         print(
             f"{card.name:<10} {card.architecture:<16} {card.latent_channels:>6}  {status:<28} "
             f"{card.description}"
@@ -105,6 +108,92 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Serves models over the Hugging Face remote-VAE protocol until interrupted."""
+    try:
+        from .server import Batching, Limits
+        from .server import serve as run_server
+    except ImportError as e:
+        raise SystemExit(
+            f"vaelink serve needs the serve extra ({e.name} is missing): "
+            "pip install 'vaelink[serve]'"
+        ) from None
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_pixels=args.max_pixels,
+        tile_above_pixels=args.tile_above_pixels,
+        max_batch=args.max_request_batch,
+    )
+    batching = Batching(
+        enabled=not args.no_batching,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    token = args.token or os.environ.get("VAELINK_TOKEN") or None
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"vaelink: warning: serving on {args.host} without a token", file=sys.stderr)
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        provider=args.provider,
+        token=token,
+        limits=limits,
+        batching=batching,
+        warmup=not args.no_warmup,
+        graceful_timeout=args.graceful_timeout,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    # Plain dataclasses: no serve dependency is imported to build the parser.
+    from .server import Batching, Limits
+
+    d, b = Limits(), Batching()
+    p = commands.add_parser(
+        "serve", help="serve models over the Hugging Face remote-VAE protocol (needs [serve])"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="a model name (exported or bundled) or an export folder; repeat for several",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or set VAELINK_TOKEN)")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20))
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="per image")
+    p.add_argument(
+        "--tile-above-pixels",
+        type=int,
+        default=d.tile_above_pixels,
+        help="images larger than this are encoded/decoded tiled",
+    )
+    p.add_argument(
+        "--max-request-batch", type=int, default=d.max_batch, help="images in one request"
+    )
+    p.add_argument("--max-batch", type=int, default=b.max_batch, help="images in one engine call")
+    p.add_argument("--max-wait-ms", type=float, default=b.max_wait_ms, help="batching wait")
+    p.add_argument("--max-queue", type=int, default=b.max_queue, help="waiting requests; then 503")
+    p.add_argument("--no-batching", action="store_true", help="one request per engine call")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up encode/decode")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to finish requests in flight on shutdown",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    p.set_defaults(run=serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelink", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: float32, float16, float16-cuda",
     )
     p.set_defaults(run=export)
+    _add_serve(commands)
     return parser
 
 

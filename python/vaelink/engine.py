@@ -63,11 +63,12 @@ class MemoryModel:
 
     full_res_channels: int
     attention: bool
+    spatial_factor: int = 8
     live_maps: int = 6
 
     def bytes(self, height: int, width: int, itemsize: int) -> int:
         pixels = height * width
-        tokens = pixels // 64
+        tokens = pixels // self.spatial_factor**2
         conv = self.live_maps * self.full_res_channels * pixels * itemsize
         attention = tokens * tokens * itemsize if self.attention else 0
         return conv + attention
@@ -111,6 +112,7 @@ class Engine:
         self.memory = MemoryModel(
             full_res_channels=int(config.get("full_res_channels", 128)),
             attention=bool(config.get("attention", self.card.has_posterior)),
+            spatial_factor=self.card.spatial_factor,
         )
         self._sessions: dict[tuple[str, str], Any] = {}
 
@@ -268,13 +270,15 @@ class Engine:
         if noise is None:
             # numpy's generator for both kinds of input, so a seed means the same noise everywhere.
             noise = np.random.default_rng(seed).standard_normal(tuple(mean.shape), np.float32)
+        xp = _xp(mean)
+        if xp is np:  # float32 like the latents (float64 noise would promote them)
+            noise = np.asarray(noise, dtype=np.float32)
+        else:
+            noise = xp.as_tensor(noise, dtype=mean.dtype, device=mean.device)
         if tuple(noise.shape) != tuple(mean.shape):
             raise TensorError(
                 f"noise has shape {tuple(noise.shape)}, latents have {tuple(mean.shape)}"
             )
-        xp = _xp(mean)
-        if xp is not np:
-            noise = xp.as_tensor(np.asarray(noise), dtype=mean.dtype, device=mean.device)
         std = xp.exp(0.5 * xp.clip(logvar, *LOGVAR_RANGE))
         return mean + std * noise
 
@@ -290,6 +294,8 @@ class Engine:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
         `width` (the image size in pixels)."""
+        if output not in ("uint8", "float"):
+            raise TensorError(f"unknown output {output!r}; expected uint8 or float")
         z = _as_float32(latents)
         if z.ndim == 3:
             if height is None or width is None:
@@ -303,8 +309,6 @@ class Engine:
         image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid)
         if output == "float":
             return image
-        if output != "uint8":
-            raise TensorError(f"unknown output {output!r}; expected uint8 or float")
         if _is_torch(image):
             import torch
 

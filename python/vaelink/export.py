@@ -89,13 +89,15 @@ def _export_graph(module: Any, example: Any, path: Path, input_name: str, output
 def _to_float16(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=False)
-    onnx.save(model, str(dst))
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=False))
+    # The converter appends the Casts it inserts (around Resize's scales) after their consumers:
+    # ONNX Runtime copes, the ONNX checker and other runtimes want the nodes in topological order.
+    model.save_model_to_file(str(dst))
 
 
 def _optimize_for_cuda(src: Path, dst: Path) -> None:
-    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -107,7 +109,8 @@ def _optimize_for_cuda(src: Path, dst: Path) -> None:
         use_gpu=True,
     )
     optimized.convert_float_to_float16(keep_io_types=False)
-    onnx.save(optimized.model, str(dst))
+    # Sorts the nodes and declares the com.microsoft opset the fused nodes use (onnx.save does not).
+    optimized.save_model_to_file(str(dst))
 
 
 def _memory_config(vae: Any, card: ModelCard) -> dict[str, Any]:

@@ -60,8 +60,8 @@ def decode_image(
     EXIF orientation is not applied. Raises `DecodeError`, or `ImageTooLargeError` when the header
     declares more than `max_pixels` pixels.
     """
-    if max_pixels < 1:
-        raise DecodeError(f"max_pixels must be positive, got {max_pixels}")
+    if max_pixels < 0:
+        raise DecodeError(f"max_pixels must not be negative, got {max_pixels}")
     if background is not None and (
         len(background) != 3 or not all(0 <= int(c) <= 255 for c in background)
     ):

@@ -69,6 +69,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise CorruptExportError(f"a manifest is a JSON object, not {type(data).__name__}")
         if data.get("format_version") != FORMAT_VERSION:
             raise CorruptExportError(f"unsupported manifest version {data.get('format_version')}")
         return cls(
@@ -93,19 +95,30 @@ def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
         manifest = Manifest.from_json((folder / MANIFEST).read_text())
     except FileNotFoundError:
         raise CorruptExportError(f"{folder} has no {MANIFEST}") from None
-    except (KeyError, TypeError, ValueError) as e:
+    except CorruptExportError:
+        raise
+    except (KeyError, TypeError, ValueError, VaelinkError) as e:  # VaelinkError: a bad card
         raise CorruptExportError(f"{folder / MANIFEST} is not a valid manifest: {e}") from None
     if verify:
-        for parts in manifest.variants.values():
-            for info in parts.values():
-                _verify_file(folder / info["file"], info)
+        try:
+            entries = [
+                (folder / info["file"], info["bytes"], info["sha256"])
+                for parts in manifest.variants.values()
+                for info in parts.values()
+            ]
+        except (AttributeError, KeyError, TypeError) as e:
+            raise CorruptExportError(
+                f"{folder / MANIFEST} lists its files wrongly: {e!r}"
+            ) from None
+        for path, size, digest in entries:
+            _verify_file(path, size, digest)
     return manifest
 
 
-def _verify_file(path: Path, info: dict[str, Any]) -> None:
+def _verify_file(path: Path, size: int, digest: str) -> None:
     if not path.is_file():
         raise CorruptExportError(f"{path} is missing; export the model again")
-    if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+    if path.stat().st_size != size or sha256_file(path) != digest:
         raise CorruptExportError(
             f"{path} does not match its manifest (changed or truncated); export the model again"
         )

@@ -1,0 +1,587 @@
+"""The local engine against diffusers' own forward pass, on tiny seeded VAEs of every family, exported
+to ONNX and run by ONNX Runtime's CPU provider: encoding (mode and sample), decoding (float and uint8,
+packed latents), every input kind, float16 and its float32 fallback, batch slicing, tiling, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import engine_fixtures as ef
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vaelink
+from vaelink.engine import Engine, EngineError
+from vaelink.registry import UnknownModelError
+from vaelink.store import MANIFEST, CorruptExportError, ModelNotExportedError, sha256_file
+from vaelink.tiling import TileGrid
+
+TOL = 1e-4  # float32, relative to the reference's largest magnitude
+FP16_TOL = 1e-2
+
+SIZE = 64  # images are SIZE x SIZE unless said otherwise: a multiple of every config's factor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    with ef.one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module", params=list(ef.CONFIGS))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ef.Exported:
+    return ef.exported(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory: pytest.TempPathFactory) -> ef.Exported:
+    return ef.exported("sd15-like", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> ef.Exported:
+    return ef.exported("flux-like", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pixels(photos: dict[str, np.ndarray]) -> np.ndarray:
+    """Two SIZE x SIZE uint8 crops of a photo, NHWC."""
+    return ef.photo_batch(photos["astronaut"], 2, SIZE, SIZE)
+
+
+@pytest.fixture(scope="module")
+def images(pixels: np.ndarray) -> np.ndarray:
+    """The crops as float32 NCHW in [-1, 1]."""
+    return vaelink.preprocess(pixels)
+
+
+class Spy:
+    """Records each `Engine._run_session` call as (part, dtype, input shape)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+        original = Engine._run_session
+
+        def run(engine: Engine, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
+            self.calls.append((part, dtype, x.shape))
+            return original(engine, part, x, dtype)
+
+        monkeypatch.setattr(Engine, "_run_session", run)
+
+
+# -- correctness against diffusers ----------------------------------------------------------------
+
+
+def test_encode_mode_matches_diffusers(model: ef.Exported, images: np.ndarray) -> None:
+    latents = model.engine().encode(images)
+    f, c = model.card.spatial_factor, model.card.latent_channels
+    assert latents.dtype == np.float32
+    assert latents.shape == (2, c, SIZE // f, SIZE // f)
+    assert ef.rel_err(latents, model.encode(images)) <= TOL
+
+
+def test_encode_sample_matches_diffusers_with_the_same_noise(
+    model: ef.Exported, images: np.ndarray
+) -> None:
+    engine = model.engine()
+    mean, std = model.moments(images)
+    noise = np.random.default_rng(5).standard_normal(mean.shape, dtype=np.float32)
+    sampled = engine.encode(images, sample=True, noise=noise)
+    if std is None:  # AutoencoderTiny: deterministic, sampling gives the latents
+        np.testing.assert_array_equal(sampled, engine.encode(images))
+        return
+    assert ef.rel_err(sampled, model.scale(mean + std * noise)) <= TOL
+    assert not np.allclose(sampled, engine.encode(images))
+
+
+def test_encode_sample_noise_kinds(sd15: ef.Exported, images: np.ndarray) -> None:
+    """float64 noise, lists and torch noise give float32 latents like float32 noise does."""
+    engine = sd15.engine()
+    mean, _ = sd15.moments(images)
+    noise = np.random.default_rng(3).standard_normal(mean.shape)  # float64
+    expected = engine.encode(images, sample=True, noise=noise.astype(np.float32))
+    for kind in (noise, noise.tolist(), torch.from_numpy(noise)):
+        latents = engine.encode(images, sample=True, noise=kind)
+        assert latents.dtype == np.float32
+        np.testing.assert_array_equal(latents, expected)
+    from_torch = engine.encode(torch.from_numpy(images), sample=True, noise=noise)
+    assert from_torch.dtype == torch.float32
+    np.testing.assert_allclose(from_torch.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_encode_sample_seeds(model: ef.Exported, images: np.ndarray) -> None:
+    if not model.card.has_posterior:
+        pytest.skip("AutoencoderTiny has no posterior to sample")
+    engine = model.engine()
+    a = engine.encode(images, sample=True, seed=7)
+    b = engine.encode(images, sample=True, seed=7)
+    c = engine.encode(images, sample=True, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    # The seed's noise is a standard normal draw of the posterior's shape.
+    mean, std = model.moments(images)
+    noise = np.random.default_rng(7).standard_normal(mean.shape, dtype=np.float32)
+    assert ef.rel_err(a, model.scale(mean + std * noise)) <= TOL
+
+
+def test_decode_matches_diffusers(model: ef.Exported, images: np.ndarray) -> None:
+    engine = model.engine()
+    latents = engine.encode(images)
+    decoded = engine.decode(latents, output="float")
+    assert decoded.dtype == np.float32
+    assert decoded.shape == (2, 3, SIZE, SIZE)
+    assert ef.rel_err(decoded, model.decode(latents)) <= TOL
+
+
+def test_decode_uint8_is_postprocess_of_float(model: ef.Exported, images: np.ndarray) -> None:
+    engine = model.engine()
+    latents = engine.encode(images)
+    pixels = engine.decode(latents)
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(
+        pixels, vaelink.postprocess(engine.decode(latents, output="float"))
+    )
+
+
+@pytest.mark.parametrize("key", ["flux-like", "taef1-like"])
+def test_packed_latents_decode_like_unpacked(
+    key: str, tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray]
+) -> None:
+    model = ef.exported(key, tmp_path_factory)
+    assert model.card.packed_latents and model.card.spatial_factor == 8
+    height, width = 64, 96  # not square, so that swapped sides would show
+    engine = model.engine()
+    latents = engine.encode(vaelink.preprocess(ef.photo_batch(photos["coffee"], 2, height, width)))
+    packed = ef.pack(latents)
+    assert packed.shape == (2, (height // 16) * (width // 16), 4 * model.card.latent_channels)
+    np.testing.assert_array_equal(vaelink.pack_latents(latents), packed)
+    expected = engine.decode(latents, output="float")
+    unpacked = engine.decode(packed, height=height, width=width, output="float")
+    np.testing.assert_allclose(unpacked, expected, rtol=0, atol=1e-6)
+    as_torch = engine.decode(torch.from_numpy(packed), height=height, width=width)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_array_equal(as_torch.numpy(), vaelink.postprocess(expected))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def test_every_image_input_kind_encodes_alike(
+    sd15: ef.Exported, pixels: np.ndarray, images: np.ndarray, tmp_path: Path
+) -> None:
+    engine = sd15.engine()
+    one = engine.encode(images[:1])
+    both = engine.encode(images)
+    path = tmp_path / "image.png"
+    path.write_bytes(vaelink.encode_image(pixels[0], "png"))
+    singles = {
+        "uint8 HWC": pixels[0],
+        "uint8 NHWC of one": pixels[:1],
+        "PIL image in a list": [Image.fromarray(pixels[0])],
+        "path str": str(path),
+        "Path": path,
+        "PNG bytes": path.read_bytes(),
+        "float CHW": images[0],
+        "float64 NCHW": images[:1].astype(np.float64),
+    }
+    for kind, value in singles.items():
+        out = engine.encode(value)
+        assert isinstance(out, np.ndarray), kind
+        np.testing.assert_allclose(out, one, rtol=0, atol=1e-6, err_msg=kind)
+    batches = {
+        "uint8 NHWC": pixels,
+        "list of PIL images": [Image.fromarray(p) for p in pixels],
+        "list of arrays": list(pixels),
+        "float NCHW": images,
+    }
+    for kind, value in batches.items():
+        np.testing.assert_allclose(engine.encode(value), both, rtol=0, atol=1e-6, err_msg=kind)
+    assert ef.rel_err(one, sd15.encode(images[:1])) <= TOL
+
+
+def test_torch_in_torch_out(sd15: ef.Exported, images: np.ndarray) -> None:
+    engine = sd15.engine()
+    latents = engine.encode(torch.from_numpy(images))
+    assert isinstance(latents, torch.Tensor) and latents.dtype == torch.float32
+    np.testing.assert_array_equal(latents.numpy(), engine.encode(images))
+    half = engine.encode(torch.from_numpy(images).half())  # any float dtype is taken
+    assert isinstance(half, torch.Tensor)
+    decoded = engine.decode(latents, output="float")
+    assert isinstance(decoded, torch.Tensor) and decoded.shape == (2, 3, SIZE, SIZE)
+    assert ef.rel_err(decoded.numpy(), sd15.decode(latents.numpy())) <= TOL
+    pixels = engine.decode(latents)
+    assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8
+    assert pixels.shape == (2, SIZE, SIZE, 3)
+    # numpy in, numpy out
+    assert isinstance(engine.decode(latents.numpy()), np.ndarray)
+    np.testing.assert_array_equal(pixels.numpy(), engine.decode(latents.numpy()))
+
+
+def test_torch_uint8_images(sd15: ef.Exported, pixels: np.ndarray, images: np.ndarray) -> None:
+    """uint8 NHWC/HWC tensors are normalised like vaelink.preprocess does."""
+    engine = sd15.engine()
+    expected = engine.encode(images)
+    batch = engine.encode(torch.from_numpy(pixels))
+    assert isinstance(batch, torch.Tensor)
+    np.testing.assert_allclose(batch.numpy(), expected, rtol=0, atol=1e-5)
+    single = engine.encode(torch.from_numpy(pixels[1]))
+    np.testing.assert_allclose(single.numpy(), expected[1:], rtol=0, atol=1e-5)
+
+
+def test_torch_tiled_and_sliced_like_numpy(sd15: ef.Exported, images: np.ndarray) -> None:
+    engine = sd15.engine(tile_size=32)
+    latents = engine.encode(images, tile=True)
+    as_torch = engine.encode(torch.from_numpy(images), tile=True)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_allclose(as_torch.numpy(), latents, rtol=0, atol=1e-5)
+    decoded = engine.decode(latents, output="float", tile=True)
+    decoded_torch = engine.decode(torch.from_numpy(latents), output="float", tile=True)
+    np.testing.assert_allclose(decoded_torch.numpy(), decoded, rtol=0, atol=1e-5)
+    sliced = sd15.engine(memory_limit=1)
+    untiled = engine.encode(images, tile=False)
+    sliced_torch = sliced.encode(torch.from_numpy(images), tile=False)  # one image at a time
+    np.testing.assert_allclose(sliced_torch.numpy(), untiled, rtol=0, atol=1e-5)
+
+
+# -- float16 --------------------------------------------------------------------------------------
+
+
+def test_float16_variant_runs_on_cpu_close_to_float32(
+    model: ef.Exported, images: np.ndarray
+) -> None:
+    engine16, engine32 = model.engine(dtype="float16"), model.engine()
+    assert engine16.dtype == "float16" and engine16._variant("float16") == "float16"
+    latents32 = engine32.encode(images)
+    latents16 = engine16.encode(images)
+    assert latents16.dtype == np.float32
+    assert ef.rel_err(latents16, latents32) <= FP16_TOL
+    decoded16 = engine16.decode(latents32, output="float")
+    assert ef.rel_err(decoded16, engine32.decode(latents32, output="float")) <= FP16_TOL
+
+
+def test_float16_non_finite_output_is_redone_in_float32(
+    sd15: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine32 = sd15.engine()
+    latents32 = engine32.encode(images)
+    decoded32 = engine32.decode(latents32, output="float")
+
+    calls: list[tuple[str, str]] = []
+    original = Engine._run_session
+
+    def overflowing(engine: Engine, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
+        calls.append((part, dtype))
+        out = original(engine, part, x, dtype)
+        if dtype == "float16":
+            out = out.copy()
+            out.flat[::7] = np.nan
+            out.flat[3] = np.inf
+        return out
+
+    monkeypatch.setattr(Engine, "_run_session", overflowing)
+    engine16 = sd15.engine(dtype="float16")
+    np.testing.assert_array_equal(engine16.encode(images), latents32)
+    np.testing.assert_array_equal(engine16.decode(latents32, output="float"), decoded32)
+    assert calls == [
+        ("encoder", "float16"),
+        ("encoder", "float32"),
+        ("decoder", "float16"),
+        ("decoder", "float32"),
+    ]
+
+
+def test_float16_non_finite_torch_output_is_redone_in_float32(
+    sd15: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    latents32 = sd15.engine().encode(images)
+    dtypes: list[str] = []
+    original = Engine._run_bound
+
+    def overflowing(engine: Engine, part: str, x: torch.Tensor, dtype: str) -> torch.Tensor:
+        dtypes.append(dtype)
+        out = original(engine, part, x, dtype)
+        return out * float("inf") if dtype == "float16" else out
+
+    monkeypatch.setattr(Engine, "_run_bound", overflowing)
+    latents = sd15.engine(dtype="float16").encode(torch.from_numpy(images))
+    assert isinstance(latents, torch.Tensor)
+    np.testing.assert_allclose(latents.numpy(), latents32, rtol=0, atol=1e-6)
+    assert dtypes == ["float16", "float32"]
+
+
+def test_float16_finite_output_is_kept(
+    sd15: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    sd15.engine(dtype="float16").encode(images)
+    assert [(part, dtype) for part, dtype, _ in spy.calls] == [("encoder", "float16")]
+
+
+# -- batch slicing and tiling ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["sd15-like", "taesd-like"])
+def test_small_memory_limit_slices_the_batch(
+    key: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    photos: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = ef.exported(key, tmp_path_factory)
+    x = vaelink.preprocess(ef.photo_batch(photos["chelsea"], 5, SIZE, SIZE))
+    latents = model.engine().encode(x)
+    decoded = model.engine().decode(latents, output="float")
+
+    per_image = model.engine().memory.bytes(SIZE, SIZE, 4)
+    # Two images fit, one image does not exceed it: slices of 2, 2, 1 and no tiling.
+    sliced = model.engine(memory_limit=2 * per_image + 1)
+    spy = Spy(monkeypatch)
+    np.testing.assert_allclose(sliced.encode(x), latents, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(sliced.decode(latents, output="float"), decoded, rtol=0, atol=1e-5)
+    shapes = [(part, shape[:2]) for part, _, shape in spy.calls]
+    c = model.card.latent_channels
+    assert shapes == [
+        ("encoder", (2, 3)),
+        ("encoder", (2, 3)),
+        ("encoder", (1, 3)),
+        ("decoder", (2, c)),
+        ("decoder", (2, c)),
+        ("decoder", (1, c)),
+    ]
+    # Less than one image: tile=False still runs, one image at a time.
+    spy.calls.clear()
+    tiny = model.engine(memory_limit=1)
+    np.testing.assert_allclose(tiny.encode(x, tile=False), latents, rtol=0, atol=1e-5)
+    assert [shape for _, _, shape in spy.calls] == [(1, 3, SIZE, SIZE)] * 5
+
+
+def test_images_over_the_memory_limit_are_tiled(
+    sd15: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = sd15.engine(memory_limit=1, tile_size=32)
+    tiled = engine.encode(images, tile=True)
+    spy = Spy(monkeypatch)
+    np.testing.assert_array_equal(engine.encode(images), tiled)  # tile=None: too big, so tiled
+    grid = TileGrid(tile=32, overlap=8, num=1, den=2)
+    assert len(spy.calls) == 2 * grid.count(SIZE, SIZE) == 2 * 9
+    assert {shape for _, _, shape in spy.calls} == {(1, 3, 32, 32)}
+
+
+def test_tile_larger_than_the_image_is_untiled(sd15: ef.Exported, images: np.ndarray) -> None:
+    engine = sd15.engine()  # 512-pixel tiles on the CPU
+    latents = engine.encode(images, tile=False)
+    np.testing.assert_allclose(engine.encode(images, tile=True), latents, rtol=0, atol=1e-6)
+    decoded = engine.decode(latents, output="float", tile=False)
+    np.testing.assert_allclose(
+        engine.decode(latents, output="float", tile=True), decoded, rtol=0, atol=1e-6
+    )
+
+
+def _rms(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+# Tiled vs untiled, relative RMS difference (||tiled - untiled|| / ||untiled||), measured as this
+# test runs (96-pixel tiles, two 128 x 160 photo crops; encoder and decoder 2 x 2 tiles each):
+#                 sd15   sdxl   sd3    flux   taesd  taef1
+#   encode        0.33   0.39   0.55   0.60   0.04   0.17
+#   decode        0.33   0.41   0.77   0.78   0.05   0.18
+#   other photo   0.96   1.33   1.32   1.23   0.29   0.80   (decoding another photo's latents)
+# Every tile is normalised (GroupNorm) and attends (the mid-block attention) on its own, so the
+# AutoencoderKL models differ a lot with random weights - diffusers' own tiled_encode/tiled_decode
+# differ as much from its untiled pass on these models (0.45-1.04 with 64-pixel tiles). The tiny
+# autoencoders have neither; they differ only through the zero padding at tile borders.
+TILED_RMS_BOUND = {"AutoencoderKL": 0.9, "AutoencoderTiny": 0.25}
+
+
+def test_tiled_encode_and_decode(
+    model: ef.Exported, photos: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    height, width, tile = 128, 160, 96
+    f, c = model.card.spatial_factor, model.card.latent_channels
+    x = vaelink.preprocess(ef.photo_batch(photos["astronaut"], 2, height, width))
+    engine = model.engine(tile_size=tile)
+
+    spy = Spy(monkeypatch)
+    latents = engine.encode(x, tile=False)
+    tiled = engine.encode(x, tile=True)
+    assert tiled.shape == latents.shape == (2, c, height // f, width // f)
+    encoder_tiles = [shape for part, _, shape in spy.calls[1:]]
+    assert len(encoder_tiles) == 2 * 4 and set(encoder_tiles) == {(1, 3, tile, tile)}
+
+    spy.calls.clear()
+    decoded = engine.decode(latents, output="float", tile=False)
+    decoded_tiled = engine.decode(latents, output="float", tile=True)
+    assert decoded_tiled.shape == decoded.shape == (2, 3, height, width)
+    decoder_tiles = [shape for part, _, shape in spy.calls[1:]]
+    assert len(decoder_tiles) == 2 * 4 and set(decoder_tiles) == {(1, c, tile // f, tile // f)}
+
+    bound = TILED_RMS_BOUND[model.card.architecture]
+    assert _rms(tiled, latents) <= bound
+    assert _rms(decoded_tiled, decoded) <= bound
+    # The blend stays a convex mix of tile outputs: no seams of zeros, nothing non-finite.
+    assert np.isfinite(tiled).all() and np.isfinite(decoded_tiled).all()
+    # Tiles land where they belong: closer to the untiled result than another photo's decoding.
+    other = vaelink.preprocess(ef.photo_batch(photos["coffee"], 2, height, width))
+    other_decoded = engine.decode(engine.encode(other, tile=False), output="float", tile=False)
+    assert _rms(decoded_tiled, decoded) < _rms(other_decoded, decoded)
+    # uint8 output of a tiled decode is the postprocessed float output.
+    np.testing.assert_array_equal(
+        engine.decode(latents, tile=True), vaelink.postprocess(decoded_tiled)
+    )
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_bad_images_are_refused(sd15: ef.Exported, images: np.ndarray) -> None:
+    engine = sd15.engine()
+    f = sd15.card.spatial_factor
+    assert f == 2
+    with pytest.raises(vaelink.TensorError, match="3-channel"):
+        engine.encode(np.zeros((1, 4, SIZE, SIZE), np.float32))
+    with pytest.raises(vaelink.TensorError, match="3-channel"):
+        engine.encode(np.zeros((1, 1, SIZE, SIZE), np.float32))
+    with pytest.raises(vaelink.TensorError, match="3-channel"):
+        engine.encode(np.zeros((SIZE, SIZE), np.float32))
+    with pytest.raises(vaelink.VaelinkError) as info:  # RGBA arrays: convert them first
+        engine.encode(np.zeros((SIZE, SIZE, 4), np.uint8))
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(vaelink.TensorError, match="multiple of 2"):
+        engine.encode(np.zeros((1, 3, SIZE + 1, SIZE), np.float32))
+    with pytest.raises(vaelink.TensorError, match="multiple of 2"):
+        engine.encode(np.zeros((SIZE, SIZE + 3, 3), np.uint8))
+    with pytest.raises(vaelink.TensorError, match="positive multiple"):
+        engine.encode(np.zeros((1, 3, 0, SIZE), np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        spoiled = images.copy()
+        spoiled[1, 2, 5, 7] = bad
+        with pytest.raises(vaelink.TensorError, match="NaN or infinity"):
+            engine.encode(spoiled)
+    with pytest.raises(vaelink.TensorError, match="NaN or infinity"):
+        engine.encode(torch.full((1, 3, SIZE, SIZE), float("nan")))
+    for empty in ([], (), np.zeros((0, 3, SIZE, SIZE), np.float32), torch.zeros(0, 3, SIZE, SIZE)):
+        with pytest.raises(vaelink.TensorError, match="empty"):
+            engine.encode(empty)
+    with pytest.raises(vaelink.TensorError, match="same size"):
+        engine.encode([np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, 32, 3), np.uint8)])
+    with pytest.raises(vaelink.DecodeError):
+        engine.encode(b"not an image")
+
+
+def test_bad_latents_are_refused(sd15: ef.Exported, flux: ef.Exported) -> None:
+    engine = sd15.engine()
+    with pytest.raises(vaelink.TensorError, match=r"\[B, 4, H, W\]"):
+        engine.decode(np.zeros((1, 16, 8, 8), np.float32))
+    with pytest.raises(vaelink.TensorError, match=r"\[B, 4, H, W\]"):
+        engine.decode(np.zeros((4, 64), np.float32))
+    with pytest.raises(vaelink.TensorError, match="empty"):
+        engine.decode(np.zeros((0, 4, 8, 8), np.float32))
+    with pytest.raises(vaelink.TensorError, match="empty"):
+        engine.decode(np.zeros((1, 4, 0, 8), np.float32))
+    for bad in (np.nan, np.inf):
+        z = np.zeros((2, 4, 8, 8), np.float32)
+        z[1, 3, 2, 1] = bad
+        with pytest.raises(vaelink.TensorError, match="NaN or infinity"):
+            engine.decode(z)
+    with pytest.raises(vaelink.TensorError, match="output"):
+        engine.decode(np.zeros((1, 4, 8, 8), np.float32), output="png")  # type: ignore[arg-type]
+
+    packed = ef.pack(np.zeros((1, 16, 8, 8), np.float32))
+    packed_engine = flux.engine()
+    with pytest.raises(vaelink.TensorError, match="height and width"):
+        packed_engine.decode(packed)
+    with pytest.raises(vaelink.TensorError, match="height and width"):
+        packed_engine.decode(packed, height=64)
+    with pytest.raises(vaelink.TensorError):
+        packed_engine.decode(packed, height=64, width=128)  # 32 tokens expected, 16 given
+    with pytest.raises(vaelink.TensorError):
+        engine.decode(np.zeros((1, 16, 4 * 4 + 1), np.float32), height=64, width=64)
+
+
+def test_bad_noise_is_refused(sd15: ef.Exported, images: np.ndarray) -> None:
+    with pytest.raises(vaelink.TensorError, match="noise has shape"):
+        sd15.engine().encode(images, sample=True, noise=np.zeros((2, 4, 8, 8), np.float32))
+
+
+def test_unknown_provider(sd15: ef.Exported) -> None:
+    with pytest.raises(EngineError, match="unknown provider"):
+        Engine(sd15.folder, provider="tpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tile_size", [0, 1, 3, 33, -4])
+def test_bad_tile_size(sd15: ef.Exported, tile_size: int) -> None:
+    with pytest.raises(EngineError, match="tile_size"):
+        Engine(sd15.folder, provider="cpu", tile_size=tile_size)
+
+
+def test_missing_variant(sd15: ef.Exported, images: np.ndarray, tmp_path: Path) -> None:
+    folder = sd15.copy(tmp_path / "export")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["variants"]["float16"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    engine = Engine(folder, provider="cpu", dtype="float16")
+    with pytest.raises(EngineError, match="no float16 export"):
+        engine.encode(images)
+    Engine(folder, provider="cpu").encode(images)  # float32 still there
+
+
+def test_corrupt_onnx_file_is_refused(sd15: ef.Exported, tmp_path: Path) -> None:
+    folder = sd15.copy(tmp_path / "export")
+    path = folder / "decoder-float32.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = b"\xff" * 16  # same size, other bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptExportError, match=r"decoder-float32\.onnx"):
+        Engine(folder, provider="cpu")
+    path.write_bytes(bytes(data[:100]))  # truncated
+    with pytest.raises(CorruptExportError, match="does not match"):
+        Engine(folder, provider="cpu")
+
+
+def test_missing_file_is_refused(sd15: ef.Exported, tmp_path: Path) -> None:
+    folder = sd15.copy(tmp_path / "export")
+    (folder / "encoder-float16.onnx").unlink()
+    with pytest.raises(CorruptExportError, match=r"encoder-float16\.onnx is missing"):
+        Engine(folder, provider="cpu")
+    (folder / MANIFEST).unlink()
+    with pytest.raises(CorruptExportError, match=r"no manifest\.json"):
+        Engine(folder, provider="cpu")
+
+
+def test_unloadable_graph_is_an_engine_error(
+    sd15: ef.Exported, images: np.ndarray, tmp_path: Path
+) -> None:
+    """A file that matches its manifest but is no ONNX graph: found when the session loads."""
+    folder = sd15.copy(tmp_path / "export")
+    path = folder / "encoder-float32.onnx"
+    path.write_bytes(b"this is not a protobuf" * 10)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["variants"]["float32"]["encoder"].update(
+        bytes=path.stat().st_size, sha256=sha256_file(path)
+    )
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    engine = Engine(folder, provider="cpu")
+    with pytest.raises(EngineError, match="cannot load"):
+        engine.encode(images)
+
+
+def test_unknown_model_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    with pytest.raises(UnknownModelError) as info:
+        Engine("no-such-vae", provider="cpu")
+    message = str(info.value)
+    assert "no-such-vae" in message
+    for name in ("flux1", "sd15", "sd3", "sdxl", "taef1", "taesd", "taesd3", "taesdxl"):
+        assert name in message
+
+
+def test_model_with_a_card_but_no_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    with pytest.raises(ModelNotExportedError, match="`vaelink export sdxl`"):
+        Engine("sdxl", provider="cpu")
