@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 import vaelink
 from vaelink import TensorError, dtypes
 

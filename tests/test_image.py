@@ -11,8 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
-import vaelink
 from PIL import Image
+
+import vaelink
 from vaelink import DecodeError, EncodeError, ImageTooLargeError, TensorError, VaelinkError
 from vaelink.image import DEFAULT_MAX_PIXELS, ImageInfo
 

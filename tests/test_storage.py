@@ -11,6 +11,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+
 import vaelink
 from vaelink import FormatError, TensorError
 from vaelink.storage import latents_from_bytes, latents_to_bytes

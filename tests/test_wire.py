@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 import vaelink
 from vaelink import FormatError, TensorError, VaelinkError
 from vaelink.wire import WireTensor
