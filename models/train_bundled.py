@@ -114,7 +114,7 @@ def train(steps: int, batch: int, crop: int, lr: float, log_every: int) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, record = train(args.steps, args.batch, args.crop, args.lr, log_every=50)
-    output = args.output or (PACKAGE_EXPORT if args.steps >= 3000 else Path("vaelink-tiny-scratch"))
+    output = args.output or (PACKAGE_EXPORT if args.steps >= 1500 else Path("vaelink-tiny-scratch"))
     source = {"location": "models/train_bundled.py", "training": {
         k: v for k, v in record.items() if k != "history"}, "train_photos": TRAIN,
         "held_out_photos": HELD_OUT}

@@ -110,14 +110,17 @@ def export(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Serves models over the Hugging Face remote-VAE protocol until interrupted."""
-    try:
-        from .server import Batching, Limits
-        from .server import serve as run_server
-    except ImportError as e:
-        raise SystemExit(
-            f"vaelink serve needs the serve extra ({e.name} is missing): "
-            "pip install 'vaelink[serve]'"
-        ) from None
+    import importlib.util
+
+    from .server import Batching, Limits
+    from .server import serve as run_server
+
+    for package in ("starlette", "uvicorn", "prometheus_client"):
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(
+                f"vaelink serve needs the serve extra ({package} is missing): "
+                "pip install 'vaelink[serve]'"
+            )
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_pixels=args.max_pixels,
@@ -148,6 +151,13 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_serve(commands: argparse._SubParsersAction) -> None:
     # Plain dataclasses: no serve dependency is imported to build the parser.
     from .server import Batching, Limits
@@ -163,23 +173,27 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="a model name (exported or bundled) or an export folder; repeat for several",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_positive, default=8000)
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or set VAELINK_TOKEN)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20))
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="per image")
+    p.add_argument("--max-pixels", type=_positive, default=d.max_pixels, help="per image")
     p.add_argument(
         "--tile-above-pixels",
-        type=int,
+        type=_positive,
         default=d.tile_above_pixels,
         help="images larger than this are encoded/decoded tiled",
     )
     p.add_argument(
-        "--max-request-batch", type=int, default=d.max_batch, help="images in one request"
+        "--max-request-batch", type=_positive, default=d.max_batch, help="images in one request"
     )
-    p.add_argument("--max-batch", type=int, default=b.max_batch, help="images in one engine call")
+    p.add_argument(
+        "--max-batch", type=_positive, default=b.max_batch, help="images in one engine call"
+    )
     p.add_argument("--max-wait-ms", type=float, default=b.max_wait_ms, help="batching wait")
-    p.add_argument("--max-queue", type=int, default=b.max_queue, help="waiting requests; then 503")
+    p.add_argument(
+        "--max-queue", type=_positive, default=b.max_queue, help="waiting requests; then 503"
+    )
     p.add_argument("--no-batching", action="store_true", help="one request per engine call")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up encode/decode")
     p.add_argument(

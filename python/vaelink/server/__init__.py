@@ -1,0 +1,83 @@
+"""`vaelink serve`: a self-hosted endpoint speaking the Hugging Face remote-VAE protocol, so that
+diffusers' `remote_encode` / `remote_decode` (and vaelink's own client) can use local models.
+
+Needs the `serve` extra: `pip install 'vaelink[serve]'` (Starlette, uvicorn, prometheus_client)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import VaelinkError
+from .batching import Batching
+from .protocol import Limits
+
+__all__ = ["Batching", "Limits", "create_app", "load_engines", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # The app needs the serve extra; importing it lazily keeps `vaelink --help` working without.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_engines(
+    models: Sequence[str | os.PathLike[str]], provider: str = "auto"
+) -> dict[str, Any]:
+    """An engine per `--model` (card name or export folder), keyed by the card's name."""
+    from ..engine import Engine
+
+    engines: dict[str, Any] = {}
+    for model in models:
+        engine = Engine(model, provider=provider)  # type: ignore[arg-type]
+        name = engine.card.name
+        if name in engines:
+            raise VaelinkError(f"model {name!r} is given twice; each name is served once")
+        engines[name] = engine
+    return engines
+
+
+def warm_up(engine: Any) -> None:
+    """One small encode and decode, so that the first request does not pay for loading graphs."""
+    import numpy as np
+
+    f, c = engine.card.spatial_factor, engine.card.latent_channels
+    engine.decode(np.zeros((1, c, 8, 8), np.float32), output="float")
+    engine.encode(np.zeros((1, 3, 8 * f, 8 * f), np.float32))
+
+
+def serve(
+    models: Sequence[str | os.PathLike[str]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    provider: str = "auto",
+    token: str | None = None,
+    limits: Limits | None = None,
+    batching: Batching | None = None,
+    warmup: bool = True,
+    graceful_timeout: float | None = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Loads the models and serves them with uvicorn until SIGINT/SIGTERM; requests in flight are
+    answered before the process exits (for at most `graceful_timeout` seconds)."""
+    import uvicorn
+
+    from .app import create_app
+
+    engines = load_engines(models, provider)
+    if warmup:
+        for engine in engines.values():
+            warm_up(engine)
+    app = create_app(engines, limits=limits, batching=batching, token=token)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_timeout,
+    )
