@@ -5,6 +5,9 @@ packed latents), every input kind, float16 and its float32 fallback, batch slici
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -585,3 +588,37 @@ def test_model_with_a_card_but_no_export(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
     with pytest.raises(ModelNotExportedError, match="`vaelink export sdxl`"):
         Engine("sdxl", provider="cpu")
+
+
+_PEAK_RSS_SCRIPT = """
+import sys, numpy as np
+from vaelink.engine import Engine
+
+def peak_rss():  # VmHWM belongs to this process image (ru_maxrss would carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+engine = Engine(sys.argv[1], provider="cpu", memory_limit=1 << 30)
+latents = np.random.default_rng(0).standard_normal((1, 16, 512, 512), dtype=np.float32)
+before = peak_rss()
+image = engine.decode(latents)
+assert image.shape == (1, 4096, 4096, 3), image.shape
+print(peak_rss() - before)
+"""
+
+
+def test_4096_decode_runs_tiled_within_a_few_gib(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A 4096 x 4096 decode (latents 512 x 512) with a 1 GiB activation budget tiles itself, and the
+    process grows by less than 2 GiB: the image itself (48 MiB uint8, 192 MiB float) plus tiles."""
+    flux = ef.exported("flux-like", tmp_path_factory)
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(flux.folder)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    grown = int(result.stdout.strip().splitlines()[-1])
+    print(f"4096 x 4096 tiled decode: peak RSS grew by {grown / 2**30:.2f} GiB")
+    assert grown < 2 << 30, f"peak RSS grew by {grown / 2**30:.2f} GiB"
