@@ -151,6 +151,7 @@ def export_vae(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    work.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache's exports from other users
     try:
         parts = {
             "encoder": (encoder, torch.zeros(1, 3, 8 * f, 8 * f), "image", "moments"),
