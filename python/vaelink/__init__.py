@@ -1,14 +1,24 @@
 """vaelink: VAE encode/decode for diffusion models, fast, locally or remotely.
 
-This release provides the foundation the engine, server and client stand on: image codecs, tensor
-pre/post-processing, the remote-VAE wire format, latent packing, compression and latent files."""
+`vaelink.encode` / `vaelink.decode` (and `vaelink.VAE`, which keeps sessions and connections) run a
+model with the local engine, on a remote-VAE endpoint, or on the first of a list that answers. Under
+them: image codecs, tensor pre/post-processing, the remote-VAE wire format, latent packing,
+compression and latent files, and the HTTP transport, in the Rust core."""
 
 from . import dtypes, image, processing, storage, wire
+from .api import VAE, decode, encode
 from .errors import (
     DecodeError,
     EncodeError,
     FormatError,
     ImageTooLargeError,
+    InvalidEndpointError,
+    RemoteAuthError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteRequestError,
+    RemoteTimeoutError,
+    RemoteUnavailableError,
     TensorError,
     VaelinkError,
 )
@@ -20,16 +30,26 @@ from .wire import compress, decompress, from_bfloat16, from_wire, to_bfloat16, t
 __version__ = "0.1.0"
 
 __all__ = [
+    "VAE",
     "DecodeError",
     "EncodeError",
     "FormatError",
     "ImageTooLargeError",
+    "InvalidEndpointError",
+    "RemoteAuthError",
+    "RemoteConnectionError",
+    "RemoteError",
+    "RemoteRequestError",
+    "RemoteTimeoutError",
+    "RemoteUnavailableError",
     "TensorError",
     "VaelinkError",
     "compress",
+    "decode",
     "decode_image",
     "decompress",
     "dtypes",
+    "encode",
     "encode_image",
     "fit_to_multiple",
     "from_bfloat16",

@@ -35,3 +35,44 @@ def serialize_safetensors(
 def deserialize_safetensors(
     data: bytes,
 ) -> tuple[list[tuple[str, npt.NDArray[np.uint8], list[int], str]], dict[str, str]]: ...
+
+class HttpClient:
+    """A pooled HTTP/1.1 + HTTP/2 client (rustls TLS, proxies from the environment) with
+    retries: exponential backoff with jitter on connection errors and `retry_statuses`, honouring
+    `Retry-After` up to `max_retry_after` seconds. Thread-safe; requests release the GIL."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float | None = 300.0,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        jitter: float = 0.5,
+        retry_statuses: list[int] = ...,
+        retry_timeouts: bool = False,
+        max_retry_after: float = 60.0,
+        http2_prior_knowledge: bool = False,
+        proxy: str | None = None,
+        proxy_from_env: bool = True,
+        token: str | None = None,
+        token_from_env: bool = True,
+        pool_idle_timeout: float = 90.0,
+        pool_max_idle_per_host: int = 32,
+        max_response_bytes: int = ...,
+        user_agent: str | None = None,
+    ) -> None: ...
+    def request(
+        self,
+        method: str,
+        url: str,
+        query: list[tuple[str, str]] = ...,
+        headers: list[tuple[str, str]] = ...,
+        body: bytes | bytearray | None = None,
+        token: str | None = None,
+    ) -> tuple[int, dict[str, str], bytearray]:
+        """`(status, headers, body)` of a 2xx answer; raises `vaelink.errors.RemoteError` (and
+        subclasses) for error statuses and transport failures."""
+        ...

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from . import image, processing, wire
-from .errors import VaelinkError
+from .engine import DEFAULT_MODEL
+from .errors import RemoteError, RemoteRequestError, VaelinkError
 
 T = TypeVar("T")
 
@@ -208,6 +211,224 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=serve)
 
 
+# -- encode / decode ----------------------------------------------------------------------------
+
+LATENTS_FORMAT = "vaelink-latents/1"
+
+
+def _vae(args: argparse.Namespace, model: str) -> Any:
+    from .api import VAE
+
+    vae = VAE(
+        model,
+        args.endpoint or None,
+        token=args.token,
+        timeout=args.timeout,
+        retries=args.retries,
+        provider=args.provider,
+    )
+    if vae.targets == ("local",):
+        vae.engine  # noqa: B018 - load the model now: a missing model is one error, not one per file
+    return vae
+
+
+def _progress(total: int, unit: str, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, pipes, CI).
+    return tqdm(total=total, unit=unit, disable=True if quiet else None, dynamic_ncols=True)
+
+
+def _report(bar: Any, what: str, error: BaseException) -> None:
+    bar.write(f"vaelink: skipped {what}: {error}", file=sys.stderr)
+
+
+def _skippable(error: BaseException) -> bool:
+    """Errors that concern one input (reported, skipped) rather than the whole run."""
+    if isinstance(error, RemoteError):
+        return isinstance(error, RemoteRequestError)
+    return isinstance(error, VaelinkError | OSError)
+
+
+def _ordered(jobs: int, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+    """`(item, result or exception)` in input order, `jobs` at a time."""
+
+    def guarded(item: Any) -> Any:
+        try:
+            return fn(item)
+        except Exception as error:
+            return error
+
+    if jobs <= 1:
+        for item in items:
+            yield item, guarded(item)
+        return
+    with ThreadPoolExecutor(jobs, thread_name_prefix="vaelink-cli") as pool:
+        yield from zip(items, pool.map(guarded, items), strict=True)
+
+
+def encode_command(args: argparse.Namespace) -> int:
+    """Encodes image files into one safetensors file: a tensor `latents.<i>` `[1, C, h, w]` per
+    image, and metadata naming the model, the source files and their sizes."""
+    from .storage import save_latents
+
+    vae = _vae(args, args.model or DEFAULT_MODEL)
+    jobs = args.jobs or (1 if vae.targets == ("local",) else 4)
+
+    def encode_one(path: str) -> tuple[Any, tuple[int, int]]:
+        pixels = image.decode_image(path)
+        latents = vae.encode(pixels, sample=args.sample, seed=args.seed, fit=args.fit)
+        return latents, (pixels.shape[1], pixels.shape[0])
+
+    tensors: dict[str, Any] = {}
+    files: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    failed = 0
+    with _progress(len(args.images), "image", args.quiet) as bar:
+        for path, result in _ordered(jobs, encode_one, args.images):
+            bar.update()
+            if isinstance(result, BaseException):
+                if not _skippable(result):
+                    raise result
+                _report(bar, path, result)
+                failed += 1
+                continue
+            latents, size = result
+            tensors[f"latents.{len(files)}"] = latents
+            files.append(path)
+            sizes.append(size)
+    if not tensors:
+        print(f"vaelink: error: none of the {len(args.images)} images was encoded", file=sys.stderr)
+        return 1
+    metadata = {
+        "format": LATENTS_FORMAT,
+        "model": vae.card.name,
+        "scaling_factor": repr(vae.card.scaling_factor),
+        "shift_factor": repr(vae.card.shift_factor),
+        "files": json.dumps(files),
+        "sizes": json.dumps(sizes),
+        "sample": json.dumps(args.sample),
+        "seed": json.dumps(args.seed),
+    }
+    save_latents(args.output, tensors, metadata)
+    summary = f"encoded {len(files)} of {len(args.images)} images into {args.output}"
+    print(summary + (f"; {failed} skipped" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _latent_items(tensors: dict[str, Any], metadata: dict[str, str]) -> list[tuple[str, Any]]:
+    """`(output stem, [1, ...] latents)` for every image in a latents file: vaelink's own
+    `latents.<i>` tensors named after their source files, and any other tensor's batch items."""
+    try:
+        sources = json.loads(metadata.get("files", "[]"))
+    except ValueError:
+        sources = []
+    items: list[tuple[str, Any]] = []
+    for name, tensor in tensors.items():
+        index = name.removeprefix("latents.")
+        if index.isdigit() and int(index) < len(sources) and tensor.shape[:1] == (1,):
+            items.append((Path(str(sources[int(index)])).stem or name, tensor))
+        elif tensor.ndim >= 1 and tensor.shape[0] > 1:
+            items += [(f"{name}-{j}", tensor[j : j + 1]) for j in range(tensor.shape[0])]
+        else:
+            items.append((name, tensor))
+    return items
+
+
+def _unique(stem: str, taken: set[str]) -> str:
+    name, n = stem, 1
+    while name in taken:
+        name, n = f"{stem}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def decode_command(args: argparse.Namespace) -> int:
+    """Decodes latents files written by `vaelink encode` (or any safetensors of latents) into
+    image files named after the images they came from."""
+    from .storage import load_latents
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple[str, str, Any]] = []  # (model, stem, latents)
+    failed = 0
+    for path in args.latents:
+        try:
+            tensors, metadata = load_latents(path)
+        except (VaelinkError, OSError) as error:
+            print(f"vaelink: skipped {path}: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        model = args.model or metadata.get("model") or DEFAULT_MODEL
+        jobs += [(model, stem, z) for stem, z in _latent_items(tensors, metadata)]
+    vaes: dict[str, Any] = {}
+    taken: set[str] = set()
+    named = [(model, _unique(stem, taken), z) for model, stem, z in jobs]
+    remote = bool(args.endpoint) and args.endpoint != ["local"]
+
+    def decode_one(job: tuple[str, str, Any]) -> Path:
+        model, stem, z = job
+        (encoded,) = vaes[model].decode(z, output=args.format, quality=args.quality)
+        target = out / f"{stem}.{'jpg' if args.format == 'jpeg' else args.format}"
+        target.write_bytes(encoded)
+        return target
+
+    for model in {model for model, _, _ in named}:
+        vaes[model] = _vae(args, model)
+    written = 0
+    with _progress(len(named), "image", args.quiet) as bar:
+        for job, result in _ordered(args.jobs or (4 if remote else 1), decode_one, named):
+            bar.update()
+            if isinstance(result, BaseException):
+                if not _skippable(result):
+                    raise result
+                _report(bar, job[1], result)
+                failed += 1
+            else:
+                written += 1
+    summary = f"decoded {written} of {len(named)} images into {out}/"
+    print(summary + (f"; {failed} skipped" if failed else ""), file=sys.stderr)
+    return 1 if failed or not named else 0
+
+
+def _add_remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a model name or an export folder (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        help="a remote-VAE endpoint URL, or 'local'; repeat for fallbacks tried in order "
+        "(default: the local engine)",
+    )
+    p.add_argument("--token", help="bearer token (default: VAELINK_TOKEN or HF_TOKEN)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
+    p.add_argument("--retries", type=int, default=3, help="on connection errors, 429 and 503")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("-j", "--jobs", type=int, help="images in flight (default: 4 remote, 1 local)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_encode_decode(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("encode", help="encode image files into a latents file")
+    p.add_argument("images", nargs="+", help="JPEG, PNG or WebP files")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    _add_remote_options(p)
+    p.add_argument("--fit", choices=("crop", "resize"), default="crop", help="to a multiple of 8")
+    p.add_argument("--sample", action="store_true", help="sample the posterior (default: mean)")
+    p.add_argument("--seed", type=int, help="seed for --sample")
+    p.set_defaults(run=encode_command)
+    p = commands.add_parser("decode", help="decode a latents file into image files")
+    p.add_argument("latents", nargs="+", help=".safetensors files (from vaelink encode)")
+    p.add_argument("-o", "--output", required=True, help="the folder to write images to")
+    _add_remote_options(p)
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.set_defaults(run=decode_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelink", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: float32, float16, float16-cuda",
     )
     p.set_defaults(run=export)
+    _add_encode_decode(commands)
     _add_serve(commands)
     return parser
 

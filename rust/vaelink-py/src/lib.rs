@@ -3,6 +3,7 @@
 
 mod arrays;
 mod errors;
+mod http;
 mod image;
 mod tensor;
 
@@ -17,5 +18,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_ZSTD_LEVEL", vaelink_core::compress::DEFAULT_LEVEL)?;
     image::register(m)?;
     tensor::register(m)?;
+    http::register(m)?;
     Ok(())
 }

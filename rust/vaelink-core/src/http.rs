@@ -1,0 +1,1331 @@
+//! The HTTP transport vaelink's client uses to reach remote-VAE endpoints.
+//!
+//! A [`Client`] owns a small tokio runtime and a pooled reqwest client: keep-alive connections,
+//! HTTP/1.1 and HTTP/2 (ALPN over TLS, or prior knowledge), TLS with rustls and the ring provider,
+//! connect/read timeouts and the proxy environment variables (`HTTPS_PROXY`, `HTTP_PROXY`,
+//! `ALL_PROXY`, `NO_PROXY`). Encode and decode requests are idempotent, so failed attempts are
+//! retried by a [`RetryPolicy`]: exponential backoff with jitter on connection errors and on the
+//! statuses that mean "try again later" (429, 503), honouring `Retry-After`.
+//!
+//! Every call returns a [`Response`] with a 2xx status or an [`HttpError`]; an error status carries
+//! the server's message, parsed from the protocol's JSON error body (`{"error": "..."}`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime};
+
+pub use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
+
+/// Environment variables a bearer token is read from, in order, when none is configured.
+pub const TOKEN_ENV_VARS: [&str; 2] = ["VAELINK_TOKEN", "HF_TOKEN"];
+
+/// What can go wrong with a request. `attempts` counts the tries made (retries included).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A URL that cannot be requested (bad syntax, or a scheme other than http/https).
+    #[error("invalid URL {url:?}: {message}")]
+    InvalidUrl { url: String, message: String },
+    /// The client could not be built (TLS setup, runtime).
+    #[error("cannot set up the HTTP client: {0}")]
+    Config(String),
+    /// No connection: refused, unreachable, DNS, TLS handshake, connect timeout.
+    #[error("cannot connect to {url}: {message} (after {attempts} attempt{})", plural(*attempts))]
+    Connect {
+        url: String,
+        message: String,
+        attempts: u32,
+    },
+    /// The connection broke before the whole response arrived.
+    #[error("connection to {url} failed: {message} (after {attempts} attempt{})", plural(*attempts))]
+    Transport {
+        url: String,
+        message: String,
+        attempts: u32,
+    },
+    /// No answer within the read timeout (or the total timeout).
+    #[error("{url} did not answer in time: {message}")]
+    Timeout {
+        url: String,
+        message: String,
+        attempts: u32,
+    },
+    /// The endpoint answered with an error status; `message` is its own words.
+    #[error("{url} answered {status}: {message}")]
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+        attempts: u32,
+    },
+    /// A response body larger than the configured limit.
+    #[error("the response from {url} exceeds {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+impl HttpError {
+    /// The HTTP status, for errors that have one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    fn with_attempts(mut self, n: u32) -> Self {
+        match &mut self {
+            Self::Connect { attempts, .. }
+            | Self::Transport { attempts, .. }
+            | Self::Timeout { attempts, .. }
+            | Self::Status { attempts, .. } => *attempts = n,
+            _ => {}
+        }
+        self
+    }
+}
+
+pub type HttpResult<T> = std::result::Result<T, HttpError>;
+
+// -- retry policy ---------------------------------------------------------------------------------
+
+/// Why an attempt failed, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection was made (the request never reached the server).
+    Connect,
+    /// The connection broke before a complete response.
+    Transport,
+    /// The read (or total) timeout expired.
+    Timeout,
+    /// A complete response with this error status.
+    Status(u16),
+}
+
+/// When and how long to wait before trying a failed request again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0: no retries).
+    pub max_retries: u32,
+    /// The wait before the first retry; doubled for each further one.
+    pub initial_backoff: Duration,
+    /// No backoff wait is longer than this.
+    pub max_backoff: Duration,
+    /// The share of each wait that is random, 0 to 1: the wait is drawn from
+    /// `[(1 - jitter) * backoff, backoff]`, so that clients that failed together do not retry together.
+    pub jitter: f64,
+    /// Statuses worth retrying (by default 429 and 503: the server asks to come back later).
+    pub retry_statuses: Vec<u16>,
+    /// Connection errors and broken connections are retried (the requests are idempotent).
+    pub retry_connect: bool,
+    /// Timeouts are retried too (off by default: a slow answer would be asked for again).
+    pub retry_timeouts: bool,
+    /// A `Retry-After` longer than this is not waited for: the error is returned at once.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            initial_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(8),
+            jitter: 0.5,
+            retry_statuses: vec![429, 503],
+            retry_connect: true,
+            retry_timeouts: false,
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries at all.
+    pub fn none() -> Self {
+        Self {
+            max_retries: 0,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a failure of this kind is worth another attempt (retries left aside).
+    pub fn is_retryable(&self, failure: Failure) -> bool {
+        match failure {
+            Failure::Connect | Failure::Transport => self.retry_connect,
+            Failure::Timeout => self.retry_timeouts,
+            Failure::Status(status) => self.retry_statuses.contains(&status),
+        }
+    }
+
+    /// The backoff before retry number `retry` (0 for the first), with `unit` in [0, 1) choosing
+    /// where in the jitter range it falls.
+    pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
+        let exponential = self
+            .initial_backoff
+            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX));
+        let capped = exponential.min(self.max_backoff);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        capped.mul_f64(1.0 - jitter * unit.clamp(0.0, 1.0))
+    }
+
+    /// How long to wait before the next attempt, or `None` to give up. `retries_done` counts the
+    /// retries made so far; `retry_after` is the server's `Retry-After`, which is honoured (waited
+    /// for at least) unless it is longer than `max_retry_after`.
+    pub fn next_delay(
+        &self,
+        retries_done: u32,
+        failure: Failure,
+        retry_after: Option<Duration>,
+        unit: f64,
+    ) -> Option<Duration> {
+        if retries_done >= self.max_retries || !self.is_retryable(failure) {
+            return None;
+        }
+        let backoff = self.backoff(retries_done, unit);
+        match retry_after {
+            Some(wait) if wait > self.max_retry_after => None,
+            Some(wait) => Some(wait.max(backoff)),
+            None => Some(backoff),
+        }
+    }
+}
+
+/// Parses a `Retry-After` value: delay-seconds (`120`) or an HTTP date, relative to `now`.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    if let Ok(seconds) = value.parse::<f64>() {
+        // Not in the RFC, but some servers send fractions; negative or NaN mean "now".
+        return Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::ZERO));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A uniform number in [0, 1) for jitter: splitmix64 over a process-wide counter seeded by the clock.
+/// Not cryptographic; it only has to differ between clients and attempts.
+fn random_unit() -> f64 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut seed = STATE.load(Ordering::Relaxed);
+    if seed == 0 {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        seed = nanos ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    let next = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    STATE.store(next, Ordering::Relaxed);
+    let mut z = next;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+// -- error bodies ---------------------------------------------------------------------------------
+
+/// Longest server text kept in an error message.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+/// The server's own words for an error response: the protocol's `{"error": "..."}` (also FastAPI's
+/// `detail` and a generic `message`), else a short text body, else the status's reason phrase.
+pub fn error_message(status: u16, body: &[u8]) -> String {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) {
+        for key in ["error", "detail", "message"] {
+            match map.get(key) {
+                Some(serde_json::Value::String(text)) => return truncate(text),
+                Some(serde_json::Value::Null) | None => {}
+                Some(other) => return truncate(&other.to_string()),
+            }
+        }
+    }
+    match std::str::from_utf8(body) {
+        Ok(text) if !text.trim().is_empty() && !text.trim_start().starts_with('<') => {
+            truncate(text.trim())
+        }
+        _ => reason(status),
+    }
+}
+
+fn truncate(text: &str) -> String {
+    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+fn reason(status: u16) -> String {
+    let phrase = reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error");
+    format!("{status} {phrase}")
+}
+
+// -- requests and responses -----------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+/// One request: the query is appended to the URL (form-encoded, as Python's `requests` does).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// A bearer token for this request, overriding the client's.
+    pub token: Option<String>,
+}
+
+impl Request {
+    pub fn get(url: impl Into<String>) -> Self {
+        Self {
+            method: Method::Get,
+            url: url.into(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+            token: None,
+        }
+    }
+
+    pub fn post(url: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Self {
+            method: Method::Post,
+            body: body.into(),
+            ..Self::get(url)
+        }
+    }
+
+    pub fn query(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.query.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// A successful (2xx) response. Header names are lower case, in the order received.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// Attempts it took (1 when the first one succeeded).
+    pub attempts: u32,
+}
+
+impl Response {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+// -- the client -----------------------------------------------------------------------------------
+
+/// How a [`Client`] connects, waits and retries.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response (`None`: no limit).
+    pub read_timeout: Option<Duration>,
+    /// Longest time for one whole attempt (`None`: no limit).
+    pub total_timeout: Option<Duration>,
+    /// Idle keep-alive connections are closed after this.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Speak HTTP/2 from the first byte (h2c to a plain-HTTP server that supports it). Over TLS,
+    /// HTTP/2 is negotiated (ALPN) without this.
+    pub http2_prior_knowledge: bool,
+    /// Send every request through this proxy (`http://host:port`, credentials allowed in the URL).
+    pub proxy: Option<String>,
+    /// Otherwise use `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/`NO_PROXY` from the environment.
+    pub proxy_from_env: bool,
+    pub user_agent: String,
+    /// Sent as `Authorization: Bearer <token>` to every endpoint.
+    pub token: Option<String>,
+    /// Read a token from [`TOKEN_ENV_VARS`] when none is configured or given. It is sent over HTTPS
+    /// and to loopback addresses only, never in clear text over a network.
+    pub token_from_env: bool,
+    pub retry: RetryPolicy,
+    /// Larger response bodies are an error (a protection against a misbehaving server).
+    pub max_response_bytes: u64,
+    /// Threads of the runtime that drives connections.
+    pub worker_threads: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Some(Duration::from_secs(300)),
+            total_timeout: None,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 32,
+            http2_prior_knowledge: false,
+            proxy: None,
+            proxy_from_env: true,
+            user_agent: concat!("vaelink/", env!("CARGO_PKG_VERSION")).to_string(),
+            token: None,
+            token_from_env: true,
+            retry: RetryPolicy::default(),
+            max_response_bytes: 4 << 30,
+            worker_threads: 2,
+        }
+    }
+}
+
+/// Whether a token from the environment may go to `url`: over HTTPS, or to this machine.
+pub fn env_token_allowed(url: &reqwest::Url) -> bool {
+    if url.scheme() == "https" {
+        return true;
+    }
+    let host = url.host_str().unwrap_or_default();
+    match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The token from the first of [`TOKEN_ENV_VARS`] that is set and not empty.
+pub fn env_token() -> Option<String> {
+    TOKEN_ENV_VARS
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .map(|value| value.trim().to_string())
+        .find(|value| !value.is_empty())
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: ClientConfig,
+}
+
+/// A pooled HTTP client with retries. Cheap to share: clone it or put it in an `Arc`; requests may
+/// be made from many threads at once. Must not be used from inside another tokio runtime.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installs ring as rustls' process-wide crypto provider, unless one is installed already.
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may win the race; either way a provider is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> HttpResult<Self> {
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .user_agent(config.user_agent.clone())
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(timeout) = config.read_timeout {
+            builder = builder.read_timeout(timeout);
+        }
+        if let Some(timeout) = config.total_timeout {
+            builder = builder.timeout(timeout);
+        }
+        if config.http2_prior_knowledge {
+            builder = builder.http2_prior_knowledge();
+        }
+        if let Some(proxy) = &config.proxy {
+            let proxy = reqwest::Proxy::all(proxy).map_err(|e| HttpError::InvalidUrl {
+                url: proxy.clone(),
+                message: error_chain(&e),
+            })?;
+            builder = builder.proxy(proxy);
+        } else if !config.proxy_from_env {
+            builder = builder.no_proxy();
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads.max(1))
+            .thread_name("vaelink-http")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| HttpError::Config(e.to_string()))?;
+        // Built inside the runtime: reqwest's connector may need its handle.
+        let http = runtime
+            .block_on(async { builder.build() })
+            .map_err(|e| HttpError::Config(error_chain(&e)))?;
+        Ok(Self {
+            inner: Arc::new(Inner { http, config }),
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Sends `request` (retrying as the policy says) and waits for the outcome.
+    pub fn execute(&self, request: Request) -> HttpResult<Response> {
+        self.start(request).wait()
+    }
+
+    /// Starts `request` on the client's runtime; the [`Pending`] handle waits for it (in slices, so
+    /// that a caller can check for interruptions) or cancels it.
+    pub fn start(&self, request: Request) -> Pending {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let inner = Arc::clone(&self.inner);
+        let task = self.runtime.spawn(async move {
+            let _ = tx.send(inner.run(request).await);
+        });
+        Pending {
+            rx,
+            task,
+            _runtime: Arc::clone(&self.runtime),
+        }
+    }
+}
+
+/// A request in flight. Dropping it cancels the request.
+pub struct Pending {
+    rx: mpsc::Receiver<HttpResult<Response>>,
+    task: tokio::task::JoinHandle<()>,
+    /// Keeps the runtime alive while the request is in flight, even if the client is dropped.
+    _runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl Pending {
+    /// Blocks until the request is done.
+    pub fn wait(self) -> HttpResult<Response> {
+        self.rx.recv().unwrap_or_else(|_| {
+            Err(HttpError::Config(
+                "the request task ended without an answer".into(),
+            ))
+        })
+    }
+
+    /// The outcome if it arrives within `timeout`; `None` to wait again (or cancel).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<HttpResult<Response>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(result) => Some(result),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(HttpError::Config(
+                "the request task ended without an answer".into(),
+            ))),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An error with its sources, e.g. "error sending request: client error (Connect): Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A URL for messages: without its query (long, and it may carry parameters nobody needs to read).
+fn display_url(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+/// An attempt that went wrong, with what the retry policy needs to know about it.
+struct Attempt {
+    error: HttpError,
+    failure: Failure,
+    retry_after: Option<Duration>,
+}
+
+impl Inner {
+    async fn run(&self, request: Request) -> HttpResult<Response> {
+        let (url, headers) = self.prepare(&request)?;
+        let mut retries = 0;
+        loop {
+            match self.attempt(&request, &url, &headers).await {
+                Ok(mut response) => {
+                    response.attempts = retries + 1;
+                    return Ok(response);
+                }
+                Err(attempt) => {
+                    let delay = self.config.retry.next_delay(
+                        retries,
+                        attempt.failure,
+                        attempt.retry_after,
+                        random_unit(),
+                    );
+                    match delay {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(attempt.error.with_attempts(retries + 1)),
+                    }
+                    retries += 1;
+                }
+            }
+        }
+    }
+
+    /// The full URL and headers, built once for all attempts.
+    fn prepare(&self, request: &Request) -> HttpResult<(reqwest::Url, HeaderMap)> {
+        let invalid = |message: String| HttpError::InvalidUrl {
+            url: request.url.clone(),
+            message,
+        };
+        let mut url = reqwest::Url::parse(&request.url).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(format!(
+                "the scheme must be http or https, not {:?}",
+                url.scheme()
+            )));
+        }
+        if !request.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(&request.query);
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("bad header name {name:?}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| invalid(format!("bad value for header {name}")))?;
+            headers.append(name, value);
+        }
+        let token = request.token.clone().or_else(|| self.config.token.clone());
+        let token = token.or_else(|| {
+            (self.config.token_from_env && env_token_allowed(&url))
+                .then(env_token)
+                .flatten()
+        });
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            if !headers.contains_key(AUTHORIZATION) {
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                        invalid("the token has characters a header cannot carry".into())
+                    })?;
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
+        Ok((url, headers))
+    }
+
+    async fn attempt(
+        &self,
+        request: &Request,
+        url: &reqwest::Url,
+        headers: &HeaderMap,
+    ) -> Result<Response, Attempt> {
+        let builder = match request.method {
+            Method::Get => self.http.get(url.clone()),
+            Method::Post => self.http.post(url.clone()).body(request.body.clone()),
+        };
+        let response = builder
+            .headers(headers.clone())
+            .send()
+            .await
+            .map_err(|e| self.transport_error(url, e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let header_list = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_string(), text)
+            })
+            .collect();
+        let body = self.read_body(url, response).await?;
+        if !(200..300).contains(&status) {
+            return Err(Attempt {
+                error: HttpError::Status {
+                    url: display_url(url),
+                    status,
+                    message: error_message(status, &body),
+                    retry_after,
+                    attempts: 1,
+                },
+                failure: Failure::Status(status),
+                retry_after,
+            });
+        }
+        Ok(Response {
+            status,
+            headers: header_list,
+            body,
+            attempts: 1,
+        })
+    }
+
+    async fn read_body(
+        &self,
+        url: &reqwest::Url,
+        mut response: reqwest::Response,
+    ) -> Result<Bytes, Attempt> {
+        let limit = self.config.max_response_bytes;
+        let too_large = || Attempt {
+            error: HttpError::TooLarge {
+                url: display_url(url),
+                limit,
+            },
+            failure: Failure::Status(0), // never retried
+            retry_after: None,
+        };
+        let declared = response.content_length();
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        // One allocation when the length is known (the common case); chunks appended otherwise.
+        let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(url, e))?
+        {
+            if body.is_empty() && declared == Some(chunk.len() as u64) {
+                return Ok(chunk); // the whole body in one chunk: no copy
+            }
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+
+    fn transport_error(&self, url: &reqwest::Url, error: reqwest::Error) -> Attempt {
+        let url = display_url(url);
+        let (connect, timeout, builder) =
+            (error.is_connect(), error.is_timeout(), error.is_builder());
+        let message = error_chain(&error.without_url());
+        let (error, failure) = if connect {
+            let e = HttpError::Connect {
+                url,
+                message,
+                attempts: 1,
+            };
+            (e, Failure::Connect)
+        } else if timeout {
+            let e = HttpError::Timeout {
+                url,
+                message,
+                attempts: 1,
+            };
+            (e, Failure::Timeout)
+        } else if builder {
+            (HttpError::InvalidUrl { url, message }, Failure::Status(0))
+        } else {
+            let e = HttpError::Transport {
+                url,
+                message,
+                attempts: 1,
+            };
+            (e, Failure::Transport)
+        };
+        Attempt {
+            error,
+            failure,
+            retry_after: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use std::thread;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitter_shortens_it() {
+        let p = policy();
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(p.backoff(0, 0.0)), 100);
+        assert_eq!(ms(p.backoff(1, 0.0)), 200);
+        assert_eq!(ms(p.backoff(2, 0.0)), 400);
+        assert_eq!(ms(p.backoff(4, 0.0)), 1000); // capped
+        assert_eq!(ms(p.backoff(200, 0.0)), 1000); // no overflow
+        assert_eq!(ms(p.backoff(1, 1.0)), 100); // half of it random: [100, 200]
+        assert_eq!(ms(p.backoff(1, 0.5)), 150);
+        let none = RetryPolicy {
+            jitter: 0.0,
+            ..policy()
+        };
+        assert_eq!(ms(none.backoff(1, 0.9)), 200);
+    }
+
+    #[test]
+    fn random_units_are_in_range_and_vary() {
+        let draws: Vec<f64> = (0..1000).map(|_| random_unit()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((0.4..0.6).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn what_is_retried() {
+        let p = policy();
+        assert!(p.next_delay(0, Failure::Connect, None, 0.0).is_some());
+        assert!(p.next_delay(0, Failure::Transport, None, 0.0).is_some());
+        assert!(p.next_delay(0, Failure::Status(503), None, 0.0).is_some());
+        assert!(p.next_delay(0, Failure::Status(429), None, 0.0).is_some());
+        assert!(p.next_delay(0, Failure::Timeout, None, 0.0).is_none());
+        for status in [400, 401, 404, 413, 500, 502] {
+            assert!(p
+                .next_delay(0, Failure::Status(status), None, 0.0)
+                .is_none());
+        }
+        assert!(p.next_delay(2, Failure::Connect, None, 0.0).is_some());
+        assert!(p.next_delay(3, Failure::Connect, None, 0.0).is_none()); // three retries done
+        assert!(RetryPolicy::none()
+            .next_delay(0, Failure::Connect, None, 0.0)
+            .is_none());
+        let timeouts = RetryPolicy {
+            retry_timeouts: true,
+            ..policy()
+        };
+        assert!(timeouts
+            .next_delay(0, Failure::Timeout, None, 0.0)
+            .is_some());
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_its_limit() {
+        let p = policy();
+        let s = Duration::from_secs;
+        assert_eq!(
+            p.next_delay(0, Failure::Status(503), Some(s(3)), 0.0),
+            Some(s(3))
+        );
+        // Never shorter than the backoff.
+        let short = Some(Duration::from_millis(10));
+        let delay = p.next_delay(0, Failure::Status(429), short, 0.0);
+        assert_eq!(delay, Some(Duration::from_millis(100)));
+        // Too long a wait: give up now and let the caller decide.
+        assert_eq!(
+            p.next_delay(0, Failure::Status(503), Some(s(61)), 0.0),
+            None
+        );
+    }
+
+    #[test]
+    fn retry_after_values() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let parse = |v| parse_retry_after(v, now);
+        assert_eq!(parse("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("-3"), Some(Duration::ZERO));
+        let later = "Sun, 06 Nov 1994 08:50:07 GMT";
+        assert_eq!(parse(later), Some(Duration::from_secs(30)));
+        let earlier = "Sun, 06 Nov 1994 08:00:00 GMT";
+        assert_eq!(parse(earlier), Some(Duration::ZERO));
+        assert_eq!(parse("soon"), None);
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(
+            error_message(400, br#"{"error": "bad shape"}"#),
+            "bad shape"
+        );
+        assert_eq!(
+            error_message(422, br#"{"detail": [{"loc": 1}]}"#),
+            r#"[{"loc":1}]"#
+        );
+        assert_eq!(error_message(500, br#"{"message": "boom"}"#), "boom");
+        assert_eq!(error_message(502, b"upstream gone\n"), "upstream gone");
+        assert_eq!(error_message(503, b""), "503 Service Unavailable");
+        assert_eq!(
+            error_message(404, b"<html><body>Not Found</body></html>"),
+            "404 Not Found"
+        );
+        assert_eq!(
+            error_message(500, &[0xff, 0xfe, 0x00]),
+            "500 Internal Server Error"
+        );
+        assert_eq!(error_message(599, b""), "599 error");
+        let long = format!(r#"{{"error": "{}"}}"#, "x".repeat(5000));
+        let message = error_message(400, long.as_bytes());
+        assert_eq!(message.len(), MAX_MESSAGE_CHARS + 3);
+    }
+
+    #[test]
+    fn env_tokens_stay_off_clear_text_networks() {
+        let allowed = |u: &str| env_token_allowed(&reqwest::Url::parse(u).unwrap());
+        assert!(allowed("https://x.endpoints.huggingface.cloud/"));
+        assert!(allowed("http://127.0.0.1:8000/"));
+        assert!(allowed("http://127.3.4.5/"));
+        assert!(allowed("http://localhost:9/"));
+        assert!(allowed("http://[::1]:9/"));
+        assert!(!allowed("http://10.0.0.2:8000/"));
+        assert!(!allowed("http://example.com/"));
+    }
+
+    // -- a loopback server answering canned responses ---------------------------------------------
+
+    /// What the fake server saw of one request.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        request_line: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        connection: usize,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A canned answer: status, headers, body.
+    type Canned = (u16, Vec<(&'static str, String)>, Vec<u8>);
+
+    /// Serves `responses` in order (raw HTTP/1.1 without the Content-Length, which is added), on
+    /// keep-alive connections; records each request.
+    struct FakeServer {
+        url: String,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    fn read_request(reader: &mut BufReader<TcpStream>, connection: usize) -> Option<Seen> {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).ok()? == 0 {
+            return None;
+        }
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':')?;
+            headers.push((name.trim().to_lowercase(), value.trim().to_string()));
+        }
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map_or(0, |(_, v)| v.parse().unwrap());
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        Some(Seen {
+            request_line: request_line.trim_end().to_string(),
+            headers,
+            body,
+            connection,
+        })
+    }
+
+    impl FakeServer {
+        fn start(responses: Vec<Canned>) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let responses = Arc::new(Mutex::new(responses.into_iter()));
+            let counter = Arc::new(AtomicUsize::new(0));
+            let log = Arc::clone(&seen);
+            thread::spawn(move || {
+                for (connection, stream) in listener.incoming().enumerate() {
+                    let Ok(stream) = stream else { break };
+                    let (log, responses, counter) = (
+                        Arc::clone(&log),
+                        Arc::clone(&responses),
+                        Arc::clone(&counter),
+                    );
+                    thread::spawn(move || {
+                        let mut writer = stream.try_clone().unwrap();
+                        let mut reader = BufReader::new(stream);
+                        while let Some(seen) = read_request(&mut reader, connection) {
+                            log.lock().unwrap().push(seen);
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let next = responses.lock().unwrap().next();
+                            let Some((status, headers, body)) = next else {
+                                return; // out of answers: close the connection
+                            };
+                            let mut head = format!("HTTP/1.1 {status} X\r\n");
+                            for (name, value) in headers {
+                                head.push_str(&format!("{name}: {value}\r\n"));
+                            }
+                            head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+                            writer.write_all(head.as_bytes()).unwrap();
+                            writer.write_all(&body).unwrap();
+                        }
+                    });
+                }
+            });
+            Self { url, seen }
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    fn fast_client() -> Client {
+        Client::new(ClientConfig {
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(20),
+                ..RetryPolicy::default()
+            },
+            token_from_env: false,
+            ..ClientConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn ok(body: &[u8]) -> Canned {
+        (200, vec![("shape", "[1,2]".into())], body.to_vec())
+    }
+
+    fn error(
+        status: u16,
+        extra: Vec<(&'static str, String)>,
+    ) -> (u16, Vec<(&'static str, String)>, Vec<u8>) {
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        headers.extend(extra);
+        (status, headers, br#"{"error": "busy now"}"#.to_vec())
+    }
+
+    #[test]
+    fn post_sends_query_headers_body_and_token_on_one_connection() {
+        let server = FakeServer::start(vec![ok(b"abc"), ok(b"def")]);
+        let client = Client::new(ClientConfig {
+            token: Some("s3cret".into()),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let request = Request::post(server.url.clone(), b"\x00\x01body".to_vec())
+            .query("shape", "1")
+            .query("shape", "4")
+            .query("scaling_factor", "0.18215")
+            .query("note", "a b&c")
+            .header("Content-Type", "tensor/binary");
+        let response = client.execute(request.clone()).unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(&response.body[..], b"abc");
+        assert_eq!(response.header("Shape"), Some("[1,2]"));
+        assert_eq!(response.attempts, 1);
+        let second = client.execute(request).unwrap();
+        assert_eq!(&second.body[..], b"def");
+        let seen = server.seen();
+        assert_eq!(
+            seen[0].request_line,
+            "POST /?shape=1&shape=4&scaling_factor=0.18215&note=a+b%26c HTTP/1.1"
+        );
+        assert_eq!(seen[0].body, b"\x00\x01body");
+        assert_eq!(seen[0].header("content-type"), Some("tensor/binary"));
+        assert_eq!(seen[0].header("authorization"), Some("Bearer s3cret"));
+        assert!(seen[0]
+            .header("user-agent")
+            .unwrap()
+            .starts_with("vaelink/"));
+        assert_eq!(seen[1].connection, seen[0].connection, "keep-alive");
+    }
+
+    #[test]
+    fn a_request_token_overrides_the_clients() {
+        let server = FakeServer::start(vec![ok(b""), ok(b"")]);
+        let client = fast_client();
+        client.execute(Request::get(server.url.clone())).unwrap();
+        let mut request = Request::get(server.url.clone());
+        request.token = Some("per-call".into());
+        client.execute(request).unwrap();
+        let seen = server.seen();
+        assert_eq!(seen[0].header("authorization"), None);
+        assert_eq!(seen[1].header("authorization"), Some("Bearer per-call"));
+    }
+
+    #[test]
+    fn retries_503_and_429_then_succeeds() {
+        let server = FakeServer::start(vec![
+            error(503, vec![]),
+            error(429, vec![("retry-after", "0".into())]),
+            ok(b"done"),
+        ]);
+        let response = fast_client()
+            .execute(Request::post(server.url.clone(), b"x".to_vec()))
+            .unwrap();
+        assert_eq!(&response.body[..], b"done");
+        assert_eq!(response.attempts, 3);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 3);
+        assert!(
+            seen.iter().all(|s| s.body == b"x"),
+            "the body is sent again"
+        );
+    }
+
+    #[test]
+    fn gives_up_after_the_retries_with_the_servers_message() {
+        let server = FakeServer::start(vec![error(503, vec![]); 10]);
+        let err = fast_client()
+            .execute(Request::post(server.url.clone(), Vec::new()))
+            .unwrap_err();
+        match &err {
+            HttpError::Status {
+                status,
+                message,
+                attempts,
+                ..
+            } => {
+                assert_eq!((*status, message.as_str(), *attempts), (503, "busy now", 4));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(err.status(), Some(503));
+        assert_eq!(server.seen().len(), 4);
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        let server = FakeServer::start(vec![error(400, vec![]), ok(b"")]);
+        let request = Request::post(server.url.clone(), Vec::new()).query("shape", "1");
+        let err = fast_client().execute(request).unwrap_err();
+        assert_eq!(err.status(), Some(400));
+        match &err {
+            HttpError::Status { url, .. } => assert_eq!(url, &server.url, "no query in messages"),
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().ends_with("answered 400: busy now"), "{err}");
+        assert_eq!(server.seen().len(), 1);
+    }
+
+    #[test]
+    fn a_long_retry_after_is_not_waited_for() {
+        let server = FakeServer::start(vec![error(503, vec![("retry-after", "3600".into())])]);
+        let start = std::time::Instant::now();
+        let err = fast_client()
+            .execute(Request::post(server.url.clone(), Vec::new()))
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        match err {
+            HttpError::Status { retry_after, .. } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(3600)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_port_is_a_connect_error_after_the_retries() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // the listener is dropped: nothing listens there now
+        let err = fast_client()
+            .execute(Request::get(format!("http://127.0.0.1:{port}/")))
+            .unwrap_err();
+        match err {
+            HttpError::Connect { attempts, .. } => assert_eq!(attempts, 4),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_connection_closed_without_an_answer_is_retried() {
+        // The first connection is closed without an answer, the next one answers.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        thread::spawn(move || {
+            let (first, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(first);
+            read_request(&mut reader, 0);
+            drop(reader);
+            let (second, _) = listener.accept().unwrap();
+            let mut writer = second.try_clone().unwrap();
+            let mut reader = BufReader::new(second);
+            read_request(&mut reader, 1);
+            writer
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+        });
+        let response = fast_client().execute(Request::get(url)).unwrap();
+        assert_eq!(&response.body[..], b"ok");
+        assert_eq!(response.attempts, 2);
+    }
+
+    #[test]
+    fn read_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let _ = done_rx.recv(); // hold the connection open, answer nothing
+            drop(stream);
+        });
+        let client = Client::new(ClientConfig {
+            read_timeout: Some(Duration::from_millis(200)),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let err = client.execute(Request::get(url)).unwrap_err();
+        assert!(
+            matches!(err, HttpError::Timeout { attempts: 1, .. }),
+            "{err:?}"
+        );
+        done_tx.send(()).unwrap();
+    }
+
+    #[test]
+    fn oversized_responses_are_refused() {
+        let server = FakeServer::start(vec![ok(&[7; 100])]);
+        let client = Client::new(ClientConfig {
+            max_response_bytes: 99,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let err = client
+            .execute(Request::get(server.url.clone()))
+            .unwrap_err();
+        assert!(
+            matches!(err, HttpError::TooLarge { limit: 99, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bad_urls() {
+        let client = fast_client();
+        for url in ["not a url", "ftp://example.com/", "file:///etc/passwd"] {
+            let err = client.execute(Request::get(url)).unwrap_err();
+            assert!(
+                matches!(err, HttpError::InvalidUrl { .. }),
+                "{url}: {err:?}"
+            );
+        }
+        let bad_header = Request::get("http://127.0.0.1:1/").header("bad name", "x");
+        assert!(matches!(
+            client.execute(bad_header).unwrap_err(),
+            HttpError::InvalidUrl { .. }
+        ));
+    }
+
+    #[test]
+    fn requests_go_through_a_configured_proxy() {
+        let proxy = FakeServer::start(vec![ok(b"via proxy")]);
+        let client = Client::new(ClientConfig {
+            proxy: Some(proxy.url.clone()),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let request = Request::get("http://vae.example.invalid:8000/info").query("a", "1");
+        let response = client.execute(request).unwrap();
+        assert_eq!(&response.body[..], b"via proxy");
+        let seen = proxy.seen();
+        assert_eq!(
+            seen[0].request_line,
+            "GET http://vae.example.invalid:8000/info?a=1 HTTP/1.1"
+        );
+        let bad = ClientConfig {
+            proxy: Some("::not a proxy".into()),
+            ..ClientConfig::default()
+        };
+        assert!(matches!(
+            Client::new(bad).unwrap_err(),
+            HttpError::InvalidUrl { .. }
+        ));
+    }
+
+    #[test]
+    fn tls_is_set_up_and_a_failed_handshake_is_a_connect_error() {
+        // A plain-HTTP server answering a TLS client hello: the handshake fails cleanly.
+        let server = FakeServer::start(vec![]);
+        let url = server.url.replace("http://", "https://");
+        let client = Client::new(ClientConfig {
+            retry: RetryPolicy::none(),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let err = client.execute(Request::get(url)).unwrap_err();
+        assert!(matches!(err, HttpError::Connect { .. }), "{err:?}");
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
+
+    #[test]
+    fn pending_requests_can_be_polled_and_cancelled() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let (closed_tx, closed_rx) = mpsc::channel::<usize>();
+        thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            read_request(&mut reader, 0);
+            // Never answers; reports when the client has gone away.
+            let mut rest = Vec::new();
+            let n = reader.read_to_end(&mut rest).unwrap_or(0);
+            let _ = closed_tx.send(n);
+        });
+        let client = fast_client();
+        let pending = client.start(Request::get(url));
+        assert!(pending.wait_timeout(Duration::from_millis(50)).is_none());
+        drop(pending); // cancels: the connection is closed
+        assert_eq!(closed_rx.recv_timeout(Duration::from_secs(5)), Ok(0));
+    }
+}

@@ -1,0 +1,166 @@
+"""`vaelink encode` / `vaelink decode`: image files -> one latents file -> image files, locally and
+through `vaelink serve`, with unreadable inputs reported and skipped (and a non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_fixtures import closed_port_url, tiny_model
+from engine_fixtures import one_torch_thread
+from server_fixtures import LiveServer, TinyModel
+
+import vaelink
+from vaelink.cli import main
+from vaelink.server import Batching, create_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return tiny_model("sdxl", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(sdxl: TinyModel):
+    app = create_app({"sdxl": sdxl.engine()}, batching=Batching(enabled=False))
+    with LiveServer(app) as live:
+        yield live
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, photos) -> dict[str, Path]:
+    """Two readable images of different sizes (one not a multiple of 8), and two that are not."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = {
+        "cat": folder / "cat.png",
+        "astronaut": folder / "astronaut.jpg",
+        "notes": folder / "notes.txt",
+        "cut": folder / "cut.png",
+    }
+    files["cat"].write_bytes(vaelink.encode_image(photos["chelsea"][:61, :90], "png"))
+    files["astronaut"].write_bytes(vaelink.encode_image(photos["astronaut"][:64, :48], "jpeg"))
+    files["notes"].write_text("not an image\n")
+    files["cut"].write_bytes(vaelink.encode_image(photos["coffee"][:64, :64], "png")[:200])
+    return files
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_encode_reports_and_skips_unreadable_files(sdxl, inputs, tmp_path, capsys):
+    out = tmp_path / "latents.safetensors"
+    missing = tmp_path / "in" / "missing.png"
+    files = [inputs["cat"], inputs["notes"], inputs["astronaut"], missing, inputs["cut"]]
+    code, err = run(capsys, "encode", *files, "-o", out, "--model", sdxl.folder)
+    assert code == 1
+    for bad in (inputs["notes"], missing, inputs["cut"]):
+        assert f"vaelink: skipped {bad}: " in err
+    assert "encoded 2 of 5 images" in err and "3 skipped" in err
+    tensors, metadata = vaelink.load_latents(out)
+    assert list(tensors) == ["latents.0", "latents.1"]
+    assert metadata["model"] == "sdxl" and metadata["format"] == "vaelink-latents/1"
+    assert json.loads(metadata["files"]) == [str(inputs["cat"]), str(inputs["astronaut"])]
+    assert json.loads(metadata["sizes"]) == [[90, 61], [48, 64]]
+    assert float(metadata["scaling_factor"]) == 0.13025
+    local = vaelink.VAE(sdxl.folder)
+    assert np.array_equal(tensors["latents.0"], local.encode(inputs["cat"]))
+    assert tensors["latents.0"].shape == (1, 4, 7, 11)  # 61x90 cropped to 56x88
+    assert np.array_equal(tensors["latents.1"], local.encode(inputs["astronaut"]))
+
+
+def test_encode_with_nothing_readable_fails_and_writes_nothing(sdxl, inputs, tmp_path, capsys):
+    out = tmp_path / "latents.safetensors"
+    code, err = run(capsys, "encode", inputs["notes"], "-o", out, "--model", sdxl.folder)
+    assert code == 1 and "none of the 1 images was encoded" in err
+    assert not out.exists()
+
+
+def test_round_trip_locally_and_remotely(sdxl, server, inputs, tmp_path, capsys):
+    images = [inputs["cat"], inputs["astronaut"]]
+    local_file, remote_file = tmp_path / "local.safetensors", tmp_path / "remote.safetensors"
+    model = ["--model", sdxl.folder]
+    assert run(capsys, "encode", *images, "-o", local_file, *model)[0] == 0
+    code, err = run(capsys, "encode", *images, "-o", remote_file, *model, "--endpoint", server.url)
+    assert code == 0 and "encoded 2 of 2 images" in err
+    local, _ = vaelink.load_latents(local_file)
+    remote, _ = vaelink.load_latents(remote_file)
+    assert local.keys() == remote.keys()
+    assert all(np.array_equal(local[k], remote[k]) for k in local)
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert run(capsys, "decode", local_file, "-o", here, *model)[0] == 0
+    code, err = run(capsys, "decode", remote_file, "-o", there, *model, "--endpoint", server.url)
+    assert code == 0 and "decoded 2 of 2 images" in err
+    assert sorted(p.name for p in here.iterdir()) == ["astronaut.png", "cat.png"]
+    vae = vaelink.VAE(sdxl.folder)
+    for name, key in (("cat", "latents.0"), ("astronaut", "latents.1")):
+        written = vaelink.decode_image(here / f"{name}.png")
+        assert np.array_equal(written, vae.decode(local[key])[0])
+        assert np.array_equal(vaelink.decode_image(there / f"{name}.png"), written)
+    assert written.shape == (64, 48, 3)
+
+
+def test_decode_formats_names_and_fallback(sdxl, inputs, tmp_path, capsys):
+    latents_file = tmp_path / "latents.safetensors"
+    same_stem = tmp_path / "in" / "cat.jpg"
+    same_stem.write_bytes(inputs["astronaut"].read_bytes())
+    run(capsys, "encode", inputs["cat"], same_stem, "-o", latents_file, "--model", sdxl.folder)
+    out = tmp_path / "out"
+    endpoints = ["--endpoint", closed_port_url(), "--endpoint", "local", "--retries", "0"]
+    code, _ = run(capsys, "decode", latents_file, "-o", out, "--model", sdxl.folder, *endpoints,
+                  "--format", "jpeg", "--quality", "80")  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cat-1.jpg", "cat.jpg"]
+    assert vaelink.probe_image(out / "cat.jpg").format == "jpeg"
+
+
+def test_decode_reports_unreadable_latents_files(sdxl, tmp_path, capsys):
+    good = tmp_path / "good.safetensors"
+    z = np.random.default_rng(0).standard_normal((2, 4, 8, 8), np.float32)
+    vaelink.save_latents(good, {"latents": z, "odd": z[:1, :3]})  # not vaelink's: no metadata
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    out = tmp_path / "out"
+    args = ("decode", broken, good, "-o", out, "--model", sdxl.folder)
+    code, err = run(capsys, *args)
+    assert code == 1
+    assert f"vaelink: skipped {broken}: " in err
+    assert "vaelink: skipped odd: " in err and "latents must be" in err  # 3 channels, not 4
+    assert sorted(p.name for p in out.iterdir()) == ["latents-0.png", "latents-1.png"]
+    assert "decoded 2 of 3 images" in err
+
+
+def test_unknown_model_is_one_clear_error(inputs, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    code, err = run(capsys, "encode", inputs["cat"], "-o", out, "--model", "no-such-model")
+    assert code == 1 and "unknown model 'no-such-model'" in err and err.count("\n") == 1
+
+
+def test_the_command_line_entry_point(sdxl, inputs, tmp_path):
+    out = tmp_path / "latents.safetensors"
+    command = [sys.executable, "-m", "vaelink", "encode", str(inputs["cat"]), str(inputs["notes"])]
+    command += ["-o", str(out), "--model", str(sdxl.folder)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"skipped {inputs['notes']}" in done.stderr
+    assert "encoded 1 of 2 images" in done.stderr
+    assert list(vaelink.load_latents(out)[0]) == ["latents.0"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "vaelink", "decode", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "--endpoint" in help_text and "--format" in help_text
