@@ -20,17 +20,19 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from vaelink.demo import psnr  # noqa: E402
-from vaelink.engine import Engine  # noqa: E402
+from vaelink.demo import psnr
+from vaelink.engine import Engine
 
 
 def square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     crop = image[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS))
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
+    )
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -38,8 +40,11 @@ def photos() -> dict[str, np.ndarray]:
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         hopper = np.asarray(Image.open(f).convert("RGB"))
-    return {"chelsea (held out)": data.chelsea(), "rocket (held out)": data.rocket(),
-            "grace_hopper (matplotlib)": hopper}
+    return {
+        "chelsea (held out)": data.chelsea(),
+        "rocket (held out)": data.rocket(),
+        "grace_hopper (matplotlib)": hopper,
+    }
 
 
 def main() -> None:
@@ -51,18 +56,24 @@ def main() -> None:
     for name, photo in photos().items():
         x = square(photo, 256)
         y = engine.decode(engine.encode(x))[0]
-        rows[name] = {"psnr_db": psnr(x, y),
-                      "ssim": float(structural_similarity(x, y, channel_axis=2, data_range=255))}
+        rows[name] = {
+            "psnr_db": psnr(x, y),
+            "ssim": float(structural_similarity(x, y, channel_axis=2, data_range=255)),
+        }
         print(f"{name:28s} PSNR {rows[name]['psnr_db']:.2f} dB  SSIM {rows[name]['ssim']:.4f}")
     big = square(data.retina(), 1024)
     latents = engine.encode(big, tile=False)
     untiled = engine.decode(latents, tile=False)[0]
     tiled = Engine(args.model, provider="cpu", tile_size=256).decode(latents, tile=True)[0]
-    tiling = {"tile_px": 256, "psnr_tiled_vs_untiled_db": psnr(untiled, tiled),
-              "max_abs_diff": int(np.abs(untiled.astype(int) - tiled.astype(int)).max())}
+    tiling = {
+        "tile_px": 256,
+        "psnr_tiled_vs_untiled_db": psnr(untiled, tiled),
+        "max_abs_diff": int(np.abs(untiled.astype(int) - tiled.astype(int)).max()),
+    }
     print(f"tiled vs untiled 1024 decode: {tiling}")
-    path = write_results("bundled-quality", {"model": args.model, "photos_256": rows,
-                                             "tiling_1024": tiling})
+    path = write_results(
+        "bundled-quality", {"model": args.model, "photos_256": rows, "tiling_1024": tiling}
+    )
     print(f"wrote {path}")
 
 

@@ -6,73 +6,22 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
-
-from . import image, processing, wire
+from . import image
 from .engine import DEFAULT_MODEL
 from .errors import RemoteError, RemoteRequestError, VaelinkError
 
-T = TypeVar("T")
-
-
-def _timed(label: str, fn: Callable[[], T]) -> T:
-    start = time.perf_counter()
-    result = fn()
-    print(f"  {label:<44} {1000 * (time.perf_counter() - start):8.2f} ms")
-    return result
-
-
-def _sample_photo() -> Path:
-    try:
-        from skimage import data
-    except ImportError:
-        raise SystemExit(
-            "no photo given and scikit-image (which ships sample photos) is not installed: "
-            "pass a JPEG, PNG or WebP file"
-        ) from None
-    return Path(data.__file__).parent / "astronaut.png"
-
 
 def demo(args: argparse.Namespace) -> int:
-    """Runs the codec path a VAE request takes, on a real photo, and writes what it produced."""
-    path = Path(args.image) if args.image else _sample_photo()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    data = path.read_bytes()
-    info = image.probe_image(data)
-    print(f"{path.name}: {info.format} {info.width}x{info.height}, {len(data)} bytes")
-    pixels = _timed("decode", lambda: image.decode_image(data))
-    fitted = _timed("fit to a multiple of 8 (centre crop)", lambda: image.fit_to_multiple(pixels))
-    tensor = _timed(
-        "preprocess -> float16 NCHW in [-1, 1]", lambda: processing.preprocess(fitted, "float16")
-    )
-    body = _timed(
-        "wire body (bfloat16)", lambda: wire.to_wire(tensor.astype(np.float32), "bfloat16")
-    )
-    packed = _timed("zstd + byte-shuffle", lambda: wire.compress(tensor))
-    back = _timed("postprocess -> uint8 NHWC", lambda: processing.postprocess(tensor))[0]
-    png = _timed("encode PNG (fast)", lambda: image.encode_image(back, "png"))
-    jpeg = _timed("encode JPEG (quality 90)", lambda: image.encode_image(back, "jpeg", quality=90))
-    webp = _timed("encode WebP (lossless)", lambda: image.encode_image(back, "webp"))
-    for name, encoded in (
-        ("roundtrip.png", png),
-        ("roundtrip.jpg", jpeg),
-        ("roundtrip.webp", webp),
-    ):
-        (out / name).write_bytes(encoded)
-    exact = np.array_equal(back, fitted)
-    print(
-        f"tensor {tensor.shape} {tensor.dtype}; bfloat16 body {len(body.body)} bytes; "
-        f"compressed {len(packed)} of {tensor.nbytes} bytes"
-    )
-    print(f"pixels -> tensor -> pixels is exact: {exact}; outputs in {out}/")
-    return 0 if exact else 1
+    """Encodes and decodes a photo with the bundled model (offline) and writes a side-by-side."""
+    from .demo import run
+
+    run(Path(args.image) if args.image else None, Path(args.output), args.model)
+    return 0
 
 
 def models(args: argparse.Namespace) -> int:
@@ -432,9 +381,12 @@ def _add_encode_decode(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelink", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="run the image <-> tensor path on a photo")
+    p = commands.add_parser(
+        "demo", help="encode and decode a photo with the bundled model; write a side-by-side"
+    )
     p.add_argument("image", nargs="?", help="a JPEG, PNG or WebP (default: a sample photo)")
     p.add_argument("-o", "--output", default="vaelink-demo", help="output folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a model name or export folder")
     p.set_defaults(run=demo)
     p = commands.add_parser("models", help="list the known models and what is exported")
     p.set_defaults(run=models)
