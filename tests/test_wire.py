@@ -331,3 +331,14 @@ def test_decompress_random_garbage(rng):
             vaelink.decompress(data)
         with pytest.raises((FormatError, TensorError)):
             vaelink.decompress(b"VLZ1" + data)
+
+
+def test_decompress_refuses_tensors_over_max_bytes() -> None:
+    x = np.zeros((4, 1024), np.float32)  # 16 KiB that compresses to almost nothing
+    blob = vaelink.compress(x)
+    assert len(blob) < 200
+    assert np.array_equal(vaelink.decompress(blob, max_bytes=x.nbytes), x)
+    with pytest.raises(vaelink.FormatError, match="over the limit"):
+        vaelink.decompress(blob, max_bytes=x.nbytes - 1)
+    with pytest.raises(vaelink.TensorError):
+        vaelink.decompress(blob, max_bytes=-1)

@@ -90,7 +90,15 @@ def compress(array: np.ndarray, level: int = _native.DEFAULT_ZSTD_LEVEL) -> byte
     return _native.compress_tensor(raw, shape, name, level)
 
 
-def decompress(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """The array `compress` was given, bit for bit."""
-    raw, shape, name = _native.decompress_tensor(bytes(data))
+MAX_DECOMPRESSED_BYTES = 1 << 32
+"""4 GiB: `decompress` refuses tensors that declare more (a small zstd frame can expand ~30000x)."""
+
+
+def decompress(
+    data: bytes | bytearray | memoryview, max_bytes: int = MAX_DECOMPRESSED_BYTES
+) -> np.ndarray:
+    """The array `compress` was given, bit for bit; `FormatError` past `max_bytes` of raw data."""
+    if max_bytes < 0:
+        raise TensorError(f"max_bytes must not be negative, got {max_bytes}")
+    raw, shape, name = _native.decompress_tensor(bytes(data), max_bytes)
     return raw.view(numpy_dtype(name)).reshape(shape)

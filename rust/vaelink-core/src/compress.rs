@@ -64,11 +64,17 @@ pub fn read_header(buf: &[u8]) -> Result<(TensorSpec, usize)> {
     Ok((TensorSpec::new(&shape, dtype)?, header_len))
 }
 
-/// Decompresses into the raw wire bytes and their spec. Memory grows only with data actually
-/// decompressed, so a header that lies about its size cannot force a huge allocation.
-pub fn decompress(buf: &[u8]) -> Result<(TensorSpec, Vec<u8>)> {
+/// Decompresses into the raw wire bytes and their spec, refusing tensors that declare more than
+/// `max_bytes` (a small, honest zstd frame can expand thousands of times). Memory grows only with
+/// data actually decompressed, so a header that lies about its size cannot force an allocation.
+pub fn decompress(buf: &[u8], max_bytes: usize) -> Result<(TensorSpec, Vec<u8>)> {
     let (spec, header_len) = read_header(buf)?;
     let expected = spec.byte_len();
+    if expected > max_bytes {
+        return Err(format_err(format!(
+            "compressed tensor declares {expected} bytes, over the limit of {max_bytes}"
+        )));
+    }
     let decoder = zstd::stream::read::Decoder::new(&buf[header_len..])?;
     let mut shuffled = Vec::new();
     decoder
@@ -131,7 +137,7 @@ mod tests {
         let (spec, data) = floats();
         let packed = compress(&data, &spec, DEFAULT_LEVEL).unwrap();
         assert!(packed.len() < data.len());
-        let (back_spec, back) = decompress(&packed).unwrap();
+        let (back_spec, back) = decompress(&packed, usize::MAX).unwrap();
         assert_eq!(back_spec, spec);
         assert_eq!(back, data);
     }
@@ -149,18 +155,19 @@ mod tests {
         let packed = compress(&data, &spec, DEFAULT_LEVEL).unwrap();
         assert!(compress(&data[1..], &spec, 3).is_err());
         assert!(compress(&data, &spec, 1000).is_err());
-        assert!(decompress(b"").is_err());
-        assert!(decompress(b"VLZ1").is_err());
-        assert!(decompress(&packed[..packed.len() - 5]).is_err());
+        assert!(decompress(b"", usize::MAX).is_err());
+        assert!(decompress(&packed, data.len() - 1).is_err()); // over the caller's limit
+        assert!(decompress(b"VLZ1", usize::MAX).is_err());
+        assert!(decompress(&packed[..packed.len() - 5], usize::MAX).is_err());
         let mut bad_magic = packed.clone();
         bad_magic[0] = b'X';
-        assert!(decompress(&bad_magic).is_err());
+        assert!(decompress(&bad_magic, usize::MAX).is_err());
         // A header claiming a far larger tensor than the frame holds.
         let mut liar = packed.clone();
         liar[FIXED_HEADER..FIXED_HEADER + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(decompress(&liar).is_err());
+        assert!(decompress(&liar, usize::MAX).is_err());
         let mut smaller = packed;
         smaller[FIXED_HEADER + 8..FIXED_HEADER + 16].copy_from_slice(&2u64.to_le_bytes());
-        assert!(decompress(&smaller).is_err());
+        assert!(decompress(&smaller, usize::MAX).is_err());
     }
 }

@@ -56,10 +56,12 @@ pub fn unpack<T: Copy>(
     if ch % 4 != 0 {
         return tensor_err!("packed latents need a channel count divisible by 4, got {ch}");
     }
-    if seq != (h / 2) * (w / 2) {
+    // Checked: a huge image size (from a request) must be an error, not an overflow.
+    let tokens = (h / 2).checked_mul(w / 2);
+    if tokens != Some(seq) {
+        let needed = tokens.map_or_else(|| "more than usize::MAX".into(), |t| t.to_string());
         return tensor_err!(
-            "packed latents have {seq} tokens, but a {height}x{width} image needs {}",
-            (h / 2) * (w / 2)
+            "packed latents have {seq} tokens, but a {height}x{width} image needs {needed}"
         );
     }
     let c = ch / 4;
@@ -112,5 +114,13 @@ mod tests {
         assert!(unpack(&[0u8; 24], [1, 4, 6], 32, 32).is_err()); // ch 6 not divisible by 4
         assert!(unpack(&[0u8; 16], [1, 4, 4], 8, 8).is_err()); // image too small
         assert!(unpack(&[0u8; 16], [1, 4, 4], 48, 32).is_err()); // 6 tokens needed, 4 given
+    }
+
+    #[test]
+    fn huge_image_size_is_an_error_not_an_overflow() {
+        // Found by the `processing` fuzz target: (h/2) * (w/2) overflowed.
+        let err = unpack(&[0u8; 16], [1, 4, 4], usize::MAX, usize::MAX).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        assert!(unpack(&[0u8; 16], [1, 4, 4], usize::MAX, 16).is_err());
     }
 }

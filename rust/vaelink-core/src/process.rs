@@ -25,10 +25,6 @@ pub struct Dims {
 }
 
 impl Dims {
-    pub fn numel(&self) -> usize {
-        self.n * self.channels * self.height * self.width
-    }
-
     fn check(&self, len: usize, what: &str) -> Result<()> {
         let Dims {
             n,
@@ -299,7 +295,12 @@ mod tests {
         assert_eq!(to_u8(0.0), 128); // 0.5 * 255 = 127.5 -> 128 (even)
         for k in 0..=255u32 {
             // Exact ties k + 0.5 and their neighbours agree with round_ties_even.
-            for y in [k as f32, k as f32 + 0.5, k as f32 + 0.49999997, k as f32 + 0.50000006] {
+            for y in [
+                k as f32,
+                k as f32 + 0.5,
+                k as f32 + 0.49999997,
+                k as f32 + 0.50000006,
+            ] {
                 let x = (y / 255.0 - 0.5) * 2.0;
                 let expected = ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
                 assert_eq!(to_u8(x), expected, "x = {x}");

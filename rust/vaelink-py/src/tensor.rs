@@ -250,8 +250,12 @@ type RawBytes<'py> = (Bound<'py, PyArrayDyn<u8>>, Vec<usize>, &'static str);
 
 /// Returns `(raw bytes as a uint8 array, shape, dtype name)`.
 #[pyfunction]
-fn decompress_tensor<'py>(py: Python<'py>, data: &[u8]) -> PyResult<RawBytes<'py>> {
-    let (spec, raw) = py.detach(|| compress::decompress(data)).py()?;
+fn decompress_tensor<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    max_bytes: usize,
+) -> PyResult<RawBytes<'py>> {
+    let (spec, raw) = py.detach(|| compress::decompress(data, max_bytes)).py()?;
     let len = raw.len();
     Ok((
         to_numpy(py, raw, &[len])?,

@@ -1,6 +1,7 @@
 //! Decoding with the `image` crate's pure-Rust decoders (zune-jpeg, png, image-webp), converted to RGB8.
 
 use std::io::Cursor;
+use std::panic::UnwindSafe;
 
 use image::{ColorType, ImageDecoder, ImageReader, Limits};
 
@@ -65,18 +66,49 @@ fn reader(bytes: &[u8]) -> Result<(ImageFormat, ImageReader<Cursor<&[u8]>>)> {
 
 /// Reads the format and size from the header alone.
 pub fn probe(bytes: &[u8]) -> Result<ImageInfo> {
-    let (format, reader) = reader(bytes)?;
-    let (width, height) = reader.into_dimensions().map_err(decode_err)?;
-    Ok(ImageInfo {
-        format,
-        width: width as usize,
-        height: height as usize,
+    guarded(|| {
+        let (format, reader) = reader(bytes)?;
+        let (width, height) = reader.into_dimensions().map_err(decode_err)?;
+        Ok(ImageInfo {
+            format,
+            width: width as usize,
+            height: height as usize,
+        })
+    })
+}
+
+/// Runs the third-party decoders, turning a panic on malformed data into [`Error::Decode`].
+///
+/// They are meant never to panic, but fuzzing found inputs that do (zune-jpeg 0.5.15 indexes out of
+/// bounds on a baseline JPEG whose scan omits a component with 4x horizontal sampling; 0.5.16-rc3
+/// decodes it). `f` only borrows its input immutably and owns every decoder it creates, so nothing is
+/// left half-updated by an unwind. With `panic = "abort"` this guard cannot help.
+fn guarded<T>(f: impl FnOnce() -> Result<T> + UnwindSafe) -> Result<T> {
+    std::panic::catch_unwind(f).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown error");
+        Err(Error::Decode(format!(
+            "cannot decode image: the decoder failed on malformed data ({what})"
+        )))
     })
 }
 
 /// Decodes JPEG (baseline, progressive, gray, CMYK), PNG (1-16 bit, gray, palette, alpha) or WebP into
 /// 8-bit RGB. 16-bit samples keep their high byte, as Pillow does.
 pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<RgbImage> {
+    let (width, height, color, raw) = guarded(|| read_raw(bytes, options))?;
+    let data = match color {
+        ColorType::Rgb8 => raw, // the common case: no conversion, no copy
+        _ => to_rgb8(&raw, color, options.background)?,
+    };
+    RgbImage::new(width as usize, height as usize, data)
+}
+
+/// Decodes to the decoder's own layout: `(width, height, color type, samples)`.
+fn read_raw(bytes: &[u8], options: &DecodeOptions) -> Result<(u32, u32, ColorType, Vec<u8>)> {
     let (_, mut reader) = reader(bytes)?;
     let mut limits = Limits::default();
     // Room for the largest allowed image at 16-bit RGBA, so the decoders' own allocations are bounded.
@@ -88,11 +120,7 @@ pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<RgbImage> {
     let color = decoder.color_type();
     let mut raw = vec![0u8; decoder.total_bytes() as usize];
     decoder.read_image(&mut raw).map_err(decode_err)?;
-    let data = match color {
-        ColorType::Rgb8 => raw, // the common case: no conversion, no copy
-        _ => to_rgb8(&raw, color, options.background)?,
-    };
-    RgbImage::new(width as usize, height as usize, data)
+    Ok((width, height, color, raw))
 }
 
 fn check_pixels(width: u64, height: u64, limit: u64) -> Result<()> {
@@ -220,6 +248,52 @@ mod tests {
         }
         let png = encode(&sample(40, 40), &EncodeOptions::lossless(ImageFormat::Png)).unwrap();
         assert!(decode(&png[..png.len() / 2], &DecodeOptions::default()).is_err());
+    }
+
+    /// A 16x8 baseline JPEG whose Cr component claims 4x1 sampling and whose only scan holds Cb:
+    /// zune-jpeg 0.5.15 panics on it (found by the `decode_image` fuzz target).
+    fn jpeg_with_odd_sampling() -> Vec<u8> {
+        fn segment(marker: u8, body: &[u8]) -> Vec<u8> {
+            let len = (body.len() + 2) as u16;
+            [&[0xff, marker][..], &len.to_be_bytes(), body].concat()
+        }
+        let quant = [&[0u8][..], &[1; 64]].concat();
+        // One Huffman code (length 1, symbol 0): DC table 0, then AC table 0.
+        let huffman = |class: u8| [&[class, 1][..], &[0; 15], &[0]].concat();
+        let frame = [8, 0, 8, 0, 16, 3, 1, 0x11, 0, 2, 0x11, 0, 3, 0x41, 0];
+        let scan = [1, 2, 0x00, 0, 63, 0];
+        [
+            vec![0xff, 0xd8],
+            segment(0xdb, &quant),
+            segment(0xc0, &frame),
+            segment(0xc4, &huffman(0x00)),
+            segment(0xc4, &huffman(0x10)),
+            segment(0xda, &scan),
+            vec![0xff, 0xd9],
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn decoder_panics_become_errors() {
+        let bytes = jpeg_with_odd_sampling();
+        let info = probe(&bytes).unwrap();
+        assert_eq!(
+            (info.format, info.width, info.height),
+            (ImageFormat::Jpeg, 16, 8)
+        );
+        // zune-jpeg 0.5.15 panics here (the message shows on stderr); later versions may decode it.
+        match decode(&bytes, &DecodeOptions::default()) {
+            Ok(img) => assert_eq!((img.width, img.height), (16, 8)),
+            Err(e) => assert!(matches!(e, Error::Decode(_)), "{e:?}"),
+        }
+        let err = guarded::<()>(|| panic!("index out of bounds")).unwrap_err();
+        assert!(
+            matches!(&err, Error::Decode(m) if m.contains("index out of bounds")),
+            "{err:?}"
+        );
+        let err = guarded::<()>(|| panic!("{} {}", "formatted", 1)).unwrap_err();
+        assert!(err.to_string().contains("formatted 1"), "{err}");
     }
 
     #[test]
