@@ -26,8 +26,8 @@ rust-test:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches models fuzz
+	$(VENV)/bin/ruff format --check python tests benches models fuzz
 
 py-test:
 	$(PYTHON) -m pytest

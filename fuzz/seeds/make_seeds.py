@@ -42,8 +42,9 @@ def image_seeds() -> None:
         "gray.png": save(gray, "PNG"),
         "la.png": save(rgba.convert("LA"), "PNG"),
         "palette.png": save(rgb.convert("P", palette=Image.ADAPTIVE, colors=4), "PNG"),
-        "palette_trns.png": save(rgb.convert("P", palette=Image.ADAPTIVE, colors=4), "PNG",
-                                 transparency=1),
+        "palette_trns.png": save(
+            rgb.convert("P", palette=Image.ADAPTIVE, colors=4), "PNG", transparency=1
+        ),
         "bilevel.png": save(gray.convert("1"), "PNG"),
         "gray16.png": save(Image.fromarray(rng.integers(0, 65536, (3, 5), dtype=np.uint16)), "PNG"),
         "optimized.png": save(rgb, "PNG", optimize=True),
@@ -56,21 +57,32 @@ def image_seeds() -> None:
         "lossy_alpha.webp": save(rgba, "WEBP", quality=50),
         "lossless.webp": save(rgb, "WEBP", lossless=True),
         "lossless_alpha.webp": save(rgba, "WEBP", lossless=True),
-        "animated.webp": save(rgb, "WEBP", save_all=True, lossless=True,
-                              append_images=[rgb.transpose(Image.FLIP_LEFT_RIGHT)], duration=50),
+        "animated.webp": save(
+            rgb,
+            "WEBP",
+            save_all=True,
+            lossless=True,
+            append_images=[rgb.transpose(Image.FLIP_LEFT_RIGHT)],
+            duration=50,
+        ),
     }
     for name, data in seeds.items():
         write("decode_image", name, data)
 
 
-def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]],
-                      metadata: dict[str, str] | None) -> bytes:
+def safetensors_bytes(
+    tensors: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str] | None
+) -> bytes:
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
     offset, body = 0, b""
     for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         body += data
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -79,12 +91,21 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]],
 
 
 def safetensors_seeds() -> None:
-    write("safetensors", "one_f32.safetensors",
-          safetensors_bytes({"latents": ("F32", [1, 4, 2, 2], bytes(range(64)))}, {"model": "sd15"}))
-    write("safetensors", "two.safetensors",
-          safetensors_bytes({"a": ("BF16", [3], b"\x01" * 6), "b": ("U8", [2, 2], b"abcd")}, None))
-    write("safetensors", "f16.safetensors",
-          safetensors_bytes({"x": ("F16", [1, 1, 2], b"\x00\x3c\x00\xbc")}, {}))
+    write(
+        "safetensors",
+        "one_f32.safetensors",
+        safetensors_bytes({"latents": ("F32", [1, 4, 2, 2], bytes(range(64)))}, {"model": "sd15"}),
+    )
+    write(
+        "safetensors",
+        "two.safetensors",
+        safetensors_bytes({"a": ("BF16", [3], b"\x01" * 6), "b": ("U8", [2, 2], b"abcd")}, None),
+    )
+    write(
+        "safetensors",
+        "f16.safetensors",
+        safetensors_bytes({"x": ("F16", [1, 1, 2], b"\x00\x3c\x00\xbc")}, {}),
+    )
 
 
 def decompress_seeds() -> None:
@@ -105,13 +126,15 @@ def decompress_seeds() -> None:
 
 
 def wire_seeds() -> None:
-    for i, (length, text) in enumerate([
-        (131072, "[1,4,128,128]\nfloat16"),
-        (24, "[2, 3, 4]\nuint8"),
-        (0, "[]\nfloat32"),
-        (16, "[1,-4,8]\nbfloat16"),
-        (8, "[18446744073709551615,2]\nuint8"),
-    ]):
+    for i, (length, text) in enumerate(
+        [
+            (131072, "[1,4,128,128]\nfloat16"),
+            (24, "[2, 3, 4]\nuint8"),
+            (0, "[]\nfloat32"),
+            (16, "[1,-4,8]\nbfloat16"),
+            (8, "[18446744073709551615,2]\nuint8"),
+        ]
+    ):
         write("wire", f"seed{i}", struct.pack("<Q", length) + text.encode())
 
 

@@ -27,7 +27,9 @@ def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray: 
 def compress_tensor(
     data: npt.NDArray[np.uint8], shape: list[int], dtype: str, level: int
 ) -> bytes: ...
-def decompress_tensor(data: bytes, max_bytes: int) -> tuple[npt.NDArray[np.uint8], list[int], str]: ...
+def decompress_tensor(
+    data: bytes, max_bytes: int
+) -> tuple[npt.NDArray[np.uint8], list[int], str]: ...
 def serialize_safetensors(
     tensors: list[tuple[str, npt.NDArray[np.uint8], list[int], str]],
     metadata: dict[str, str] | None = None,
