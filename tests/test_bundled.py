@@ -39,13 +39,21 @@ def test_bundled_model_ships_inside_the_package_and_verifies() -> None:
 def test_reconstruction_quality(engine: Engine, photo: np.ndarray) -> None:
     restored = engine.decode(engine.encode(photo))[0]
     assert restored.shape == photo.shape
-    assert psnr(photo, restored) > 22.0
+    assert psnr(photo, restored) > 25.0  # measured 26.5 dB (a training photo)
+
+
+def test_reconstruction_quality_on_a_held_out_photo(engine: Engine) -> None:
+    from skimage import data
+
+    cat = np.ascontiguousarray(data.chelsea()[22:278, 97:353])  # 256 x 256, never trained on
+    restored = engine.decode(engine.encode(cat))[0]
+    assert psnr(cat, restored) > 26.0  # measured 27.5 dB
 
 
 def test_tiled_decode_stays_within_the_stated_bound(engine: Engine, photo: np.ndarray) -> None:
     """The bound the README states for tiling: with 256-pixel tiles, a tiled decode of a real photo
-    stays within 45 dB PSNR of the untiled decode (measured: 55 dB) and no pixel moves by more
-    than 16 levels."""
+    stays within 45 dB PSNR of the untiled decode (measured: 53-55 dB) and no pixel moves by more
+    than 16 levels (measured: 7-9)."""
     latents = engine.encode(photo)
     untiled = engine.decode(latents, tile=False)[0]
     tiled = Engine(DEFAULT_MODEL, provider="cpu", tile_size=256).decode(latents, tile=True)[0]
@@ -58,7 +66,7 @@ def test_codec_round_trip_through_the_model(engine: Engine, photo: np.ndarray, f
     """An image encoded in each format, decoded back, keeps its reconstruction quality."""
     data = vaelink.encode_image(photo, fmt, quality=95)
     restored = engine.decode(engine.encode(data))[0]
-    assert psnr(photo, restored) > 22.0
+    assert psnr(photo, restored) > 24.0
 
 
 def test_demo_runs_offline_without_torch(tmp_path: Path) -> None:
