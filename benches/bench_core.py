@@ -86,7 +86,10 @@ def throughput(size: int) -> dict[str, float]:
     gbs = lambda seconds: x.nbytes / seconds / 1e9  # noqa: E731
     return {
         "tensor_mb": x.nbytes / 1e6,
-        "memcpy_gbs": gbs(median_seconds(lambda: np.copyto(dst, x))),
+        # Two peers: copying into memory already in use, and copying into a new buffer (what any
+        # function returning a new array or bytes object must do, page faults included).
+        "memcpy_into_existing_gbs": gbs(median_seconds(lambda: np.copyto(dst, x))),
+        "copy_to_new_bytes_gbs": gbs(median_seconds(lambda: x.tobytes())),
         "to_wire_gbs": gbs(median_seconds(lambda: vaelink.to_wire(x))),
         "from_wire_gbs": gbs(median_seconds(lambda: vaelink.from_wire(body, x.shape, "float32"))),
         "f32_to_bf16_gbs": gbs(median_seconds(lambda: vaelink.to_bfloat16(x))),

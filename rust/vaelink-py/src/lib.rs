@@ -9,6 +9,12 @@ mod tensor;
 
 use pyo3::prelude::*;
 
+// Output buffers of tens of MB are common (a 2048 x 2048 float tensor is 50 MB). glibc hands those
+// back to the kernel on every free, so each call would page-fault its output in afresh; mimalloc
+// keeps freed memory for reuse. Arrays returned to numpy are freed through this allocator too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
