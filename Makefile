@@ -12,8 +12,9 @@ $(PYTHON):
 
 venv: $(PYTHON)
 
+# The bundled model and sample photo ship inside the package: no extra, no download, no torch.
 demo: $(PYTHON)
-	$(PIP) -e '.[demo]'
+	$(PIP) -e .
 	$(VENV)/bin/vaelink demo
 
 test: $(PYTHON)
