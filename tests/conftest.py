@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,3 +136,44 @@ def ref() -> SimpleNamespace:
     """The reference helpers above, for the test modules (pytest discourages importing conftest)."""
     helpers = (pil_encode, pil_rgb, png_chunk, png_header, png_stub, write_png, blend_reference)
     return SimpleNamespace(**{f.__name__: f for f in helpers})
+
+
+# -- Tiny seeded models and a live `vaelink serve`, shared by the client tests (api, compat, cli) --
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from client_fixtures import tiny_model
+
+    return tiny_model("sdxl", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from client_fixtures import tiny_model
+
+    return tiny_model("flux1", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(sdxl: Any) -> Iterator[Any]:
+    """One model, no batching: each request runs alone, as the local engine does."""
+    from server_fixtures import LiveServer
+
+    from vaelink.server import Batching, create_app
+
+    app = create_app({"sdxl": sdxl.engine()}, batching=Batching(enabled=False))
+    with LiveServer(app) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def multi(sdxl: Any, flux: Any) -> Iterator[Any]:
+    """Two models, each at /<model>/."""
+    from server_fixtures import LiveServer
+
+    from vaelink.server import Batching, create_app
+
+    engines = {"sdxl": sdxl.engine(), "flux1": flux.engine()}
+    with LiveServer(create_app(engines, batching=Batching(enabled=False))) as live:
+        yield live

@@ -19,7 +19,6 @@ from client_fixtures import (
     closed_port_url,
     json_error,
     tensor_answer,
-    tiny_model,
 )
 from engine_fixtures import one_torch_thread
 from PIL import Image
@@ -41,31 +40,6 @@ FAST = HttpClient(backoff=0.01, max_backoff=0.05)
 def _one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="session")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return tiny_model("sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return tiny_model("flux1", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(sdxl: TinyModel):
-    """One model, no batching: each request runs alone, as the local engine does."""
-    app = create_app({"sdxl": sdxl.engine()}, batching=Batching(enabled=False))
-    with LiveServer(app) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def multi(sdxl: TinyModel, flux: TinyModel):
-    engines = {"sdxl": sdxl.engine(), "flux1": flux.engine()}
-    with LiveServer(create_app(engines, batching=Batching(enabled=False))) as live:
-        yield live
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_fixtures import closed_port_url, tiny_model
+from client_fixtures import closed_port_url
 from engine_fixtures import one_torch_thread
-from server_fixtures import LiveServer, TinyModel
 
 import vaelink
 from vaelink.cli import main
-from vaelink.server import Batching, create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -25,18 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 def _one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="session")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return tiny_model("sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(sdxl: TinyModel):
-    app = create_app({"sdxl": sdxl.engine()}, batching=Batching(enabled=False))
-    with LiveServer(app) as live:
-        yield live
 
 
 @pytest.fixture

@@ -9,17 +9,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from client_fixtures import FakeEndpoint, json_error, tiny_model
+from client_fixtures import FakeEndpoint, json_error
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import remote_utils as diffusers
 from engine_fixtures import one_torch_thread
 from PIL import Image
-from server_fixtures import LiveServer, TinyModel
 
 import vaelink
 from vaelink import compat
 from vaelink.remote import Endpoint
-from vaelink.server import Batching, create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -28,30 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 def _one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="session")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return tiny_model("sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return tiny_model("flux1", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(sdxl: TinyModel):
-    app = create_app({"sdxl": sdxl.engine()}, batching=Batching(enabled=False))
-    with LiveServer(app) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def multi(sdxl: TinyModel, flux: TinyModel):
-    engines = {"sdxl": sdxl.engine(), "flux1": flux.engine()}
-    with LiveServer(create_app(engines, batching=Batching(enabled=False))) as live:
-        yield live
 
 
 @pytest.fixture(params=["fast", "plain"])
