@@ -798,3 +798,42 @@ def test_cli_serve_unknown_model_fails_cleanly(tmp_path: Path):
         timeout=60,
     )
     assert result.returncode == 1 and "not exported" in result.stderr
+
+
+def test_cli_serve_defaults_to_the_bundled_model(tmp_path: Path):
+    """`vaelink serve` with no --model serves vaelink-tiny offline; the unmodified diffusers client
+    round-trips a photo through it and gets what the engine gives directly."""
+    port = free_port()
+    env = dict(os.environ, VAELINK_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "vaelink", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(url + "health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "vaelink serve did not start"
+            time.sleep(0.1)
+        engine = Engine("vaelink-tiny", provider="cpu")
+        photo = vaelink.decode_image(Path(vaelink.__file__).parent / "data" / "astronaut.jpg")
+        photo = np.ascontiguousarray(photo[128:384, 128:384])
+        z = remote_encode(url, Image.fromarray(photo), scaling_factor=1.0)
+        np.testing.assert_allclose(z.numpy(), engine.encode(photo), rtol=0, atol=1e-5)
+        image = remote_decode(
+            url,
+            z.contiguous(),
+            scaling_factor=1.0,
+            output_type="pt",
+            return_type="pt",
+            partial_postprocess=True,
+        )
+        np.testing.assert_array_equal(image.numpy(), engine.decode(z.numpy()))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in output, output

@@ -89,7 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"vaelink: warning: serving on {args.host} without a token", file=sys.stderr)
     run_server(
-        args.model,
+        args.model or [DEFAULT_MODEL],
         host=args.host,
         port=args.port,
         provider=args.provider,
@@ -121,8 +121,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         action="append",
-        required=True,
-        help="a model name (exported or bundled) or an export folder; repeat for several",
+        help="a model name (exported or bundled) or an export folder; repeat for several "
+        f"(default: the bundled {DEFAULT_MODEL}, so that `vaelink serve` works offline as is)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8000)
