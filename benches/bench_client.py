@@ -29,7 +29,6 @@ Clients and servers share the machine's cores. Results: benches/results/client-<
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_seconds, photo, write_results
+from common import free_port, launch_server, median_seconds, photo, write_results
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers: do_scaling
 
@@ -119,16 +118,8 @@ def serve_replay(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(folder: Path | None) -> tuple[subprocess.Popen[bytes], str]:
     """`vaelink serve` for the model in `folder`, or the replay server when None."""
-    import requests
-
     port = free_port()
     if folder is None:
         command = [sys.executable, __file__, "--replay-server", str(port)]
@@ -136,17 +127,7 @@ def start_server(folder: Path | None) -> tuple[subprocess.Popen[bytes], str]:
         command = [sys.executable, "-m", "vaelink", "serve", "--model", str(folder)]
         command += ["--port", str(port), "--provider", "cpu", "--log-level", "warning"]
         command += ["--no-batching", "--max-body-mb", "512"]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "health", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("vaelink serve did not start")
+    return launch_server(command, port), f"http://127.0.0.1:{port}/"
 
 
 def timed(fn: Callable[[], Any], min_time: float) -> float:

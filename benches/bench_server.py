@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,13 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import CONFIGS, build_vae
-from common import median_seconds, write_results
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import free_port, launch_server, median_seconds, write_results
 
 
 def start_server(folder: Path, batching: bool) -> tuple[subprocess.Popen[bytes], str]:
@@ -44,19 +37,7 @@ def start_server(folder: Path, batching: bool) -> tuple[subprocess.Popen[bytes],
     command = [sys.executable, "-m", "vaelink", "serve", "--model", str(folder)]
     command += ["--port", str(port), "--provider", "cpu", "--log-level", "warning"]
     command += ["--max-queue", "256"] + ([] if batching else ["--no-batching"])
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    import requests
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("vaelink serve did not start")
+    return launch_server(command, port), f"http://127.0.0.1:{port}"
 
 
 def batch_stats(url: str) -> tuple[float, float]:

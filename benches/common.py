@@ -6,7 +6,9 @@ import io
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -79,3 +81,25 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}-{label}.json"
     path.write_text(json.dumps({"machine": machine(), **results}, indent=2) + "\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_server(command: list[str], port: int, timeout: float = 120) -> subprocess.Popen[bytes]:
+    """Starts a server process and waits until `GET /health` on loopback `port` answers 200."""
+    import requests
+
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return process
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{command[:4]} did not start")

@@ -13,7 +13,9 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -748,31 +750,44 @@ def test_bearer_token(models, ref):
 # -- the command line ----------------------------------------------------------------------------
 
 
-def test_cli_serve(models, ref, tmp_path: Path):
+@dataclass
+class CliServer:
+    url: str
+    output: str = ""
+    returncode: int | None = None
+
+
+@contextmanager
+def cli_server(args: list[str], env: dict[str, str]) -> Iterator[CliServer]:
+    """`python -m vaelink serve ARGS` on a free port, as a user runs it; stopped with SIGTERM on
+    exit, after which its output and exit code are filled in."""
     port = free_port()
-    env = dict(os.environ, VAELINK_TOKEN="from-env", VAELINK_HOME=str(tmp_path))
-    command = [sys.executable, "-m", "vaelink", "serve", "--model", str(models["sdxl"].folder)]
-    command += [
-        "--model",
-        str(models["flux1"].folder),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    command = [sys.executable, "-m", "vaelink", "serve", *args, "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = CliServer(f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
+                if requests.get(server.url + "/health", timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "vaelink serve did not start"
             time.sleep(0.1)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        server.output = process.communicate(timeout=30)[0].decode()
+        server.returncode = process.returncode
+
+
+def test_cli_serve(models, ref, tmp_path: Path):
+    env = dict(os.environ, VAELINK_TOKEN="from-env", VAELINK_HOME=str(tmp_path))
+    args = ["--model", str(models["sdxl"].folder), "--model", str(models["flux1"].folder)]
+    with cli_server([*args, "--log-level", "warning"], env) as server:
+        url = server.url
         z = latents(33).numpy()
         params = {"output_type": "pt", "do_scaling": True, "partial_postprocess": True}
         assert_json_error(post_tensor(url + "/sdxl/", z, params), 401)
@@ -780,12 +795,9 @@ def test_cli_serve(models, ref, tmp_path: Path):
         response = post_tensor(url + "/sdxl/", z, params, **auth)
         np.testing.assert_array_equal(tensor_of(response), ref["sdxl"].decode(z))
         assert_json_error(post_tensor(url + "/", z, params, **auth), 404)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=30)[0].decode()
     # uvicorn shuts down gracefully, then re-raises the signal it caught (as Python's default would).
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Traceback" not in output, output
+    assert server.returncode in (0, -signal.SIGTERM), server.output
+    assert "Traceback" not in server.output, server.output
 
 
 def test_cli_serve_unknown_model_fails_cleanly(tmp_path: Path):
@@ -803,25 +815,12 @@ def test_cli_serve_unknown_model_fails_cleanly(tmp_path: Path):
 def test_cli_serve_defaults_to_the_bundled_model(tmp_path: Path):
     """`vaelink serve` with no --model serves vaelink-tiny offline; the unmodified diffusers client
     round-trips a photo through it and gets what the engine gives directly."""
-    port = free_port()
     env = dict(os.environ, VAELINK_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "vaelink", "serve", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "vaelink serve did not start"
-            time.sleep(0.1)
-        engine = Engine("vaelink-tiny", provider="cpu")
-        photo = vaelink.decode_image(Path(vaelink.__file__).parent / "data" / "astronaut.jpg")
-        photo = np.ascontiguousarray(photo[128:384, 128:384])
+    engine = Engine("vaelink-tiny", provider="cpu")
+    photo = vaelink.decode_image(Path(vaelink.__file__).parent / "data" / "astronaut.jpg")
+    photo = np.ascontiguousarray(photo[128:384, 128:384])
+    with cli_server([], env) as server:
+        url = server.url + "/"
         z = remote_encode(url, Image.fromarray(photo), scaling_factor=1.0)
         np.testing.assert_allclose(z.numpy(), engine.encode(photo), rtol=0, atol=1e-5)
         image = remote_decode(
@@ -833,7 +832,4 @@ def test_cli_serve_defaults_to_the_bundled_model(tmp_path: Path):
             partial_postprocess=True,
         )
         np.testing.assert_array_equal(image.numpy(), engine.decode(z.numpy()))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=30)[0].decode()
-    assert "Traceback" not in output, output
+    assert "Traceback" not in server.output, server.output
