@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP    := $(PYTHON) -m pip install --quiet
 
-.PHONY: demo test lint rust-test py-test bench venv
+.PHONY: demo test lint typecheck rust-test py-test bench venv
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches models fuzz
 	$(VENV)/bin/ruff format --check python tests benches models fuzz
+	$(MAKE) typecheck
+
+# The type checker over the package, and the stub of the compiled module checked against it.
+typecheck:
+	$(VENV)/bin/mypy
+	$(PYTHON) -m mypy.stubtest vaelink._native
 
 py-test:
 	$(PYTHON) -m pytest

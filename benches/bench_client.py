@@ -48,8 +48,8 @@ def export_model(folder: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
+    from vaelink.cards import get_card
     from vaelink.export import export_vae
-    from vaelink.registry import get_card
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -69,7 +69,7 @@ class ReplayEngine:
     requested size (precomputed, as the float decoder output), encode with seeded latents."""
 
     def __init__(self) -> None:
-        from vaelink.registry import get_card
+        from vaelink.cards import get_card
 
         self.card = get_card("sdxl")
         self.provider = "cpu"

@@ -46,9 +46,9 @@ def build_vae(config: str) -> Any:
 def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[str, Any]:
     import torch
 
+    from vaelink.cards import get_card
     from vaelink.engine import Engine
     from vaelink.export import export_vae
-    from vaelink.registry import get_card
 
     card = get_card("sd15")
     vae = build_vae(config)

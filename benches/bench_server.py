@@ -143,8 +143,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
     parser.add_argument("--warmup", type=float, default=1.5)
     args = parser.parse_args()
+    from vaelink.cards import get_card
     from vaelink.export import export_vae
-    from vaelink.registry import get_card
 
     clients = [int(n) for n in args.clients.split(",")]
     z = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8))

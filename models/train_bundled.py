@@ -25,8 +25,8 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 from skimage import data
 
+from vaelink.cards import get_card
 from vaelink.export import export_vae
-from vaelink.registry import get_card
 
 COLOUR = [
     "astronaut",

@@ -19,9 +19,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
+from vaelink.cards import ModelCard
 from vaelink.engine import Engine
 from vaelink.export import export_vae
-from vaelink.registry import ModelCard
 
 SEED = 1234
 

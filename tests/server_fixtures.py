@@ -15,9 +15,9 @@ import torch
 import uvicorn
 from diffusers import AutoencoderKL
 
+from vaelink.cards import ModelCard, get_card
 from vaelink.engine import Engine
 from vaelink.export import export_vae
-from vaelink.registry import ModelCard, get_card
 
 SEED = 5
 

@@ -27,7 +27,7 @@ from server_fixtures import LiveServer, SlowEngine, TinyModel
 import vaelink
 from vaelink import api
 from vaelink._native import HttpClient
-from vaelink.remote import encode_query
+from vaelink.remote import RemoteEndpoint, encode_query, environment_token
 from vaelink.server import Batching, create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -216,9 +216,9 @@ def test_one_call_functions_keep_their_vae(sdxl, server, photos, local):
     image = photo(photos)
     first = vaelink.encode(image, model=sdxl.folder, endpoint=server.url)
     assert equal(first, local.encode(image))
-    count = len(api._SHARED)
+    hits = api._shared_vae.cache_info().hits
     again = vaelink.encode(image, model=sdxl.folder, endpoint=server.url)
-    assert equal(again, first) and len(api._SHARED) == count
+    assert equal(again, first) and api._shared_vae.cache_info().hits == hits + 1
     images = vaelink.decode(first, model=sdxl.folder, endpoint=server.url, output="pil")
     assert equal(images, local.decode(first, output="pil"))
     assert equal(vaelink.decode(first, model=sdxl.folder), local.decode(first))
@@ -386,22 +386,45 @@ def test_the_exact_header_and_no_env_token_in_clear_text(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "from-env")
     with FakeEndpoint([(200, {}, b"ok")]) as fake:
         client = HttpClient()
-        client.request("POST", fake.url)
+        client.request("POST", fake.url)  # the transport has no token policy of its own
         client.request("POST", fake.url, token="per-call")
-        HttpClient(token="client-wide").request("POST", fake.url)
+        RemoteEndpoint(fake.url, client).post({}, b"")  # loopback: the environment's token
+        RemoteEndpoint(fake.url, client, token=" explicit\n").post({}, b"")
         # Through a proxy to a host on the network, in clear text: the environment's token stays
         # home, an explicit one goes.
         proxied = HttpClient(proxy=fake.url)
-        proxied.request("POST", "http://vae.example.invalid/")
-        proxied.request("POST", "http://vae.example.invalid/", token="explicit")
+        RemoteEndpoint("http://vae.example.invalid/", proxied).post({}, b"")
+        RemoteEndpoint("http://vae.example.invalid/", proxied, token="explicit").post({}, b"")
     got = [s.headers.get("authorization") for s in fake.posts]
     assert got == [
-        "Bearer from-env",
+        None,
         "Bearer per-call",
-        "Bearer client-wide",
+        "Bearer from-env",
+        "Bearer explicit",
         None,
         "Bearer explicit",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://x.endpoints.huggingface.cloud/", True),
+        ("http://127.0.0.1:8000/", True),
+        ("http://127.8.9.10/", True),
+        ("http://localhost:8000/", True),
+        ("http://[::1]:8000/", True),
+        ("http://10.0.0.5:8000/", False),
+        ("http://vae.example.com/", False),
+        ("http://localhost.example.com/", False),
+    ],
+)
+def test_environment_tokens_go_over_https_or_to_this_machine(url, allowed, monkeypatch):
+    monkeypatch.delenv("VAELINK_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", " from-env ")
+    assert environment_token(url) == ("from-env" if allowed else None)
+    monkeypatch.setenv("VAELINK_TOKEN", "first")
+    assert environment_token(url) == ("first" if allowed else None)
 
 
 # -- errors and the client ----------------------------------------------------------------------
@@ -476,7 +499,8 @@ def test_vae_repr_and_close(sdxl, server):
     assert repr(vae) == f"VAE('sdxl', endpoint=['{server.url}', 'local'])"
     with vae:
         vae.decode(latents(17, (2, 4, 8, 6)))
-    assert vae._pool is None
+        remote = vae.remote(server.url)
+    assert remote._pool is None and not vae._remotes
     assert vaelink.VAE(sdxl.folder).decode(latents(17)).shape == (1, 64, 48, 3)
 
 

@@ -14,7 +14,7 @@ import pytest
 import vaelink
 from vaelink.demo import SAMPLE_PHOTO, psnr
 from vaelink.engine import DEFAULT_MODEL, Engine
-from vaelink.store import find_export, read_manifest
+from vaelink.exports import find_export, read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image
 
 import vaelink
 from vaelink import compat
-from vaelink.remote import Endpoint
+from vaelink.remote import RemoteEndpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -32,7 +32,7 @@ def _one_thread():
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """`plain`: vaelink's client as if the server were not vaelink's (no `/info`): PNG uploads."""
     if request.param == "plain":
-        monkeypatch.setattr(Endpoint, "info", lambda self: None)
+        monkeypatch.setattr(RemoteEndpoint, "info", lambda self: None)
     return request.param
 
 

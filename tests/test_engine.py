@@ -19,8 +19,8 @@ from PIL import Image
 
 import vaelink
 from vaelink.engine import Engine, EngineError
-from vaelink.registry import UnknownModelError
-from vaelink.store import MANIFEST, CorruptExportError, ModelNotExportedError, sha256_file
+from vaelink.errors import CorruptExportError, ModelNotExportedError, UnknownModelError
+from vaelink.exports import MANIFEST, sha256_file
 from vaelink.tiling import TileGrid
 
 TOL = 1e-4  # float32, relative to the reference's largest magnitude

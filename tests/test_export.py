@@ -18,11 +18,11 @@ import onnx
 import pytest
 
 import vaelink
-from vaelink import cli, export, registry
+from vaelink import cards, cli, export
+from vaelink.cards import ModelCard
 from vaelink.engine import Engine
-from vaelink.errors import VaelinkError
-from vaelink.registry import ModelCard
-from vaelink.store import MANIFEST, ModelNotExportedError, read_manifest
+from vaelink.errors import ModelNotExportedError, VaelinkError
+from vaelink.exports import MANIFEST, read_manifest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -183,7 +183,7 @@ def test_export_model_from_a_local_folder(
 ) -> None:
     """A card of our own, registered for the test, exported from a diffusers folder."""
     card = dataclasses.replace(ef.CONFIGS["sd3-like"].card, name="test-sd3", repo="nobody/nothing")
-    monkeypatch.setitem(registry._CARDS, card.name, card)
+    monkeypatch.setitem(cards._cards(), card.name, card)
     source = tmp_path / "diffusers"
     vae = ef.CONFIGS["sd3-like"].build()
     vae.save_pretrained(source)
@@ -202,7 +202,7 @@ def test_export_model_from_a_local_folder(
 
 def test_export_model_needs_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     card = ModelCard("test-none", "no weights", "AutoencoderTiny", 4, 1.0)
-    monkeypatch.setitem(registry._CARDS, card.name, card)
+    monkeypatch.setitem(cards._cards(), card.name, card)
     with pytest.raises(VaelinkError, match="names no weights"):
         export.export_model("test-none", output=tmp_path / "out")
 
@@ -228,7 +228,7 @@ def test_vaelink_export_then_engine_by_name(
     assert f"exported taesd to {folder}" in capsys.readouterr().out
 
     engine = Engine("taesd", provider="cpu")
-    assert engine.folder == folder and engine.card == registry.get_card("taesd")
+    assert engine.folder == folder and engine.card == cards.get_card("taesd")
     latents = engine.encode(image)
     reference = ef.Exported("taesd", vae, engine.card, folder)
     assert latents.shape == (1, 4, 8, 8)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import requests
 
-from vaelink.registry import get_card
-from vaelink.server.batching import Batcher, Job, QueueFullError
+from vaelink.cards import get_card
+from vaelink.errors import QueueFullError, RejectedRequestError
+from vaelink.server.batching import Batcher, Job
 from vaelink.server.protocol import (
     Limits,
-    RequestError,
     decode_request,
     encode_request,
     operation,
@@ -123,7 +123,7 @@ def test_decode_output_kind(extra, accept, output):
 )
 def test_decode_scaling_rules(extra, card, expected):
     req = decode_request({**BASE, "output_type": "pt", **extra}, None, card)
-    assert (req.scale, req.shift) == pytest.approx(expected)
+    assert (req.scaling.factor, req.scaling.shift) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_decode_scaling_rules(extra, card, expected):
 )
 def test_encode_scaling_rules(extra, expected):
     req = encode_request(extra, FLUX)
-    assert (req.scale, req.shift) == pytest.approx(expected)
+    assert (req.scaling.factor, req.scaling.shift) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_encode_scaling_rules(extra, expected):
     ],
 )
 def test_decode_request_refusals(query, message):
-    with pytest.raises(RequestError, match=message) as info:
+    with pytest.raises(RejectedRequestError, match=message) as info:
         decode_request(query, "image/jpeg", SDXL)
     assert info.value.status == 400
 

@@ -1,10 +1,11 @@
-//! The wire description as it arrives from a peer: a `shape` header, a dtype name and a body length.
+//! The wire description as it arrives from a peer: a shape list, a dtype name and a body length.
 //!
-//! Input layout: 8 bytes little-endian body length, then `shape header \n dtype name` (lossy UTF-8).
+//! Input layout: 8 bytes little-endian body length, then `shape list \n dtype name` (lossy UTF-8), the
+//! shape a JSON-like list of integers such as `[1,4,128,128]`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vaelink_core::wire::{parse_shape_header, TensorSpec, MAX_NDIM};
+use vaelink_core::wire::{TensorSpec, MAX_NDIM};
 use vaelink_core::DType;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let body_len = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
     let text = String::from_utf8_lossy(&data[8..]);
-    let (header, dtype_name) = text.split_once('\n').unwrap_or((&text, "float16"));
+    let (shape, dtype_name) = text.split_once('\n').unwrap_or((&text, "float16"));
     let dtype = DType::parse(dtype_name.trim()).unwrap_or(match dtype_name.len() % 4 {
         0 => DType::F16,
         1 => DType::BF16,
@@ -21,25 +22,24 @@ fuzz_target!(|data: &[u8]| {
         _ => DType::U8,
     });
 
-    if let Ok(dims) = parse_shape_header(header) {
-        check_spec(TensorSpec::new(&dims, dtype), body_len);
-    }
-
-    // The same dimensions as signed integers (a query string or JSON list), negative ones included.
-    let signed: Option<Vec<i64>> = header
+    // Signed, as a query string or JSON list carries them: negative dimensions must fail.
+    let signed: Option<Vec<i64>> = shape
         .trim()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .split(',')
         .map(|d| d.trim().parse::<i64>().ok())
         .collect();
-    if let Some(signed) = signed {
-        let spec = TensorSpec::from_signed(&signed, dtype);
-        if signed.iter().any(|&d| d < 0) {
-            assert!(spec.is_err());
-        }
-        check_spec(spec, body_len);
+    let Some(signed) = signed else { return };
+    let spec = TensorSpec::from_signed(&signed, dtype);
+    if signed.iter().any(|&d| d < 0) {
+        assert!(spec.is_err());
+    } else {
+        // The same dimensions unsigned: `new` must agree with `from_signed`.
+        let dims: Vec<usize> = signed.iter().map(|&d| d as usize).collect();
+        assert_eq!(TensorSpec::new(&dims, dtype).ok(), spec.as_ref().ok().cloned());
     }
+    check_spec(spec, body_len);
 });
 
 fn check_spec(spec: vaelink_core::Result<TensorSpec>, body_len: usize) {
@@ -57,5 +57,4 @@ fn check_spec(spec: vaelink_core::Result<TensorSpec>, body_len: usize) {
         spec.check_body_len(body_len).is_ok(),
         body_len == spec.byte_len()
     );
-    assert_eq!(parse_shape_header(&spec.shape_header()).unwrap(), shape);
 }

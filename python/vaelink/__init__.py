@@ -3,46 +3,69 @@
 `vaelink.encode` / `vaelink.decode` (and `vaelink.VAE`, which keeps sessions and connections) run a
 model with the local engine, on a remote-VAE endpoint, or on the first of a list that answers. Under
 them: image codecs, tensor pre/post-processing, the remote-VAE wire format, latent packing,
-compression and latent files, and the HTTP transport, in the Rust core."""
+compression and latent files, in the Rust core."""
 
-from . import dtypes, image, processing, storage, wire
+from . import dtypes, image, processing, wire
 from .api import VAE, decode, encode
+from .batches import ImageInput, LatentInput
+from .compress import compress, decompress
+from .dtypes import from_bfloat16, to_bfloat16
 from .errors import (
+    CorruptExportError,
     DecodeError,
     EncodeError,
+    EngineError,
     FormatError,
     ImageTooLargeError,
     InvalidEndpointError,
+    ModelError,
+    ModelNotExportedError,
+    QueueFullError,
+    RejectedRequestError,
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
     RemoteRequestError,
     RemoteTimeoutError,
     RemoteUnavailableError,
+    ServerError,
+    ShuttingDownError,
     TensorError,
+    UnknownModelError,
     VaelinkError,
 )
 from .image import decode_image, encode_image, fit_to_multiple, load_rgb, probe_image
+from .latents_file import load_latents, save_latents
 from .processing import pack_latents, postprocess, preprocess, unpack_latents
-from .storage import load_latents, save_latents
-from .wire import compress, decompress, from_bfloat16, from_wire, to_bfloat16, to_wire
+from .wire import from_wire, to_wire
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "CorruptExportError",
     "DecodeError",
     "EncodeError",
+    "EngineError",
     "FormatError",
+    "ImageInput",
     "ImageTooLargeError",
     "InvalidEndpointError",
+    "LatentInput",
+    "ModelError",
+    "ModelNotExportedError",
+    "QueueFullError",
+    "RejectedRequestError",
     "RemoteAuthError",
     "RemoteConnectionError",
     "RemoteError",
     "RemoteRequestError",
     "RemoteTimeoutError",
     "RemoteUnavailableError",
+    "ServerError",
+    "ShuttingDownError",
     "TensorError",
+    "UnknownModelError",
     "VaelinkError",
     "compress",
     "decode",
@@ -63,7 +86,6 @@ __all__ = [
     "probe_image",
     "processing",
     "save_latents",
-    "storage",
     "to_bfloat16",
     "to_wire",
     "unpack_latents",

@@ -1,8 +1,32 @@
 """Type stubs for `vaelink._native`, the compiled Rust core. Use the typed wrappers in `vaelink.*`;
 these functions expect contiguous arrays and pass bfloat16 as its uint16 bits."""
 
+from collections.abc import Sequence
+from typing import Self, final
+
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_ZSTD_LEVEL",
+    "HttpClient",
+    "bf16_to_f32",
+    "check_wire_tensor",
+    "compress_tensor",
+    "decode_image",
+    "decompress_tensor",
+    "deserialize_safetensors",
+    "encode_image",
+    "f32_to_bf16",
+    "fit_to_multiple",
+    "pack_latents",
+    "postprocess",
+    "preprocess",
+    "probe_image",
+    "serialize_safetensors",
+    "unpack_latents",
+]
 
 DEFAULT_MAX_PIXELS: int
 DEFAULT_ZSTD_LEVEL: int
@@ -31,23 +55,24 @@ def decompress_tensor(
     data: bytes, max_bytes: int
 ) -> tuple[npt.NDArray[np.uint8], list[int], str]: ...
 def serialize_safetensors(
-    tensors: list[tuple[str, npt.NDArray[np.uint8], list[int], str]],
+    tensors: Sequence[tuple[str, npt.NDArray[np.uint8], Sequence[int], str]],
     metadata: dict[str, str] | None = None,
 ) -> bytes: ...
 def deserialize_safetensors(
     data: bytes,
 ) -> tuple[list[tuple[str, npt.NDArray[np.uint8], list[int], str]], dict[str, str]]: ...
 
+@final
 class HttpClient:
     """A pooled HTTP/1.1 + HTTP/2 client (rustls TLS, proxies from the environment) with
     retries: exponential backoff with jitter on connection errors and `retry_statuses`, honouring
     `Retry-After` up to `max_retry_after` seconds. Thread-safe; requests release the GIL."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         connect_timeout: float = 10.0,
-        read_timeout: float | None = 300.0,
+        read_timeout: float | None = ...,  # 300 s
         timeout: float | None = None,
         retries: int = 3,
         backoff: float = 0.25,
@@ -59,13 +84,11 @@ class HttpClient:
         http2_prior_knowledge: bool = False,
         proxy: str | None = None,
         proxy_from_env: bool = True,
-        token: str | None = None,
-        token_from_env: bool = True,
         pool_idle_timeout: float = 90.0,
         pool_max_idle_per_host: int = 32,
         max_response_bytes: int = ...,
         user_agent: str | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     def request(
         self,
         method: str,

@@ -9,11 +9,14 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import image
-from .engine import DEFAULT_MODEL
+from .cards import DEFAULT_MODEL
 from .errors import RemoteError, RemoteRequestError, VaelinkError
+
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -26,8 +29,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     """Lists the model cards and which of them are exported on this machine."""
-    from .registry import list_cards
-    from .store import CorruptExportError, ModelNotExportedError, find_export, read_manifest
+    from .cards import list_cards
+    from .errors import CorruptExportError, ModelNotExportedError
+    from .exports import find_export, read_manifest
 
     print(f"{'model':<10} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
     for card in list_cards():
@@ -110,7 +114,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_serve(commands: argparse._SubParsersAction) -> None:
+def _add_serve(commands: Subcommands) -> None:
     # Plain dataclasses: no serve dependency is imported to build the parser.
     from .server import Batching, Limits
 
@@ -219,7 +223,7 @@ def _ordered(jobs: int, fn: Callable[[Any], Any], items: Sequence[Any]) -> Itera
 def encode_command(args: argparse.Namespace) -> int:
     """Encodes image files into one safetensors file: a tensor `latents.<i>` `[1, C, h, w]` per
     image, and metadata naming the model, the source files and their sizes."""
-    from .storage import save_latents
+    from .latents_file import save_latents
 
     vae = _vae(args, args.model or DEFAULT_MODEL)
     jobs = args.jobs or (1 if vae.targets == ("local",) else 4)
@@ -295,7 +299,7 @@ def _unique(stem: str, taken: set[str]) -> str:
 def decode_command(args: argparse.Namespace) -> int:
     """Decodes latents files written by `vaelink encode` (or any safetensors of latents) into
     image files named after the images they came from."""
-    from .storage import load_latents
+    from .latents_file import load_latents
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +364,7 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _add_encode_decode(commands: argparse._SubParsersAction) -> None:
+def _add_encode_decode(commands: Subcommands) -> None:
     p = commands.add_parser("encode", help="encode image files into a latents file")
     p.add_argument("images", nargs="+", help="JPEG, PNG or WebP files")
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
@@ -409,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except (VaelinkError, OSError) as e:
         print(f"vaelink: error: {e}", file=sys.stderr)
         return 1

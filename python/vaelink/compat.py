@@ -12,26 +12,26 @@ and Pillow."""
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from typing import Any, Literal
 
 import numpy as np
 
-from .api import tensor_to_numpy
+from .dtypes import bfloat16, little_endian
+from .frameworks import is_torch, pil_images, pil_open, pil_to_rgb, to_numpy, torch
 from .image import encode_image, fit_to_multiple
-from .remote import Endpoint, ServerInfo
+from .remote import RemoteEndpoint
+from .wire import read_tensor
 
 __all__ = ["detect_image_type", "remote_decode", "remote_encode"]
 
-_endpoints: dict[str, Endpoint] = {}
 
-
-def _endpoint(url: str) -> Endpoint:
-    endpoint = _endpoints.get(url)
-    if endpoint is None:
-        endpoint = _endpoints.setdefault(url, Endpoint(url))
-    return endpoint
+@functools.lru_cache(maxsize=32)
+def _endpoint(url: str) -> RemoteEndpoint:
+    """One per URL, so that `/info` is asked once a minute, not on every call."""
+    return RemoteEndpoint(url)
 
 
 def detect_image_type(data: bytes | bytearray) -> str:
@@ -47,35 +47,18 @@ def detect_image_type(data: bytes | bytearray) -> str:
     return "unknown"
 
 
-def _torch_dtypes() -> dict[str, Any]:
-    import torch
-
-    return {
-        "float16": torch.float16,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "uint8": torch.uint8,
-    }
-
-
 def _tensor_body(tensor: Any) -> tuple[bytes, list[int], str]:
     """A torch tensor as diffusers sends it: contiguous little-endian bytes, shape, dtype name."""
-    array = tensor_to_numpy(tensor)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
     dtype = str(tensor.dtype).split(".")[-1]
-    return np.ascontiguousarray(array).tobytes(), list(tensor.shape), dtype
+    return little_endian(to_numpy(tensor)).tobytes(), list(tensor.shape), dtype
 
 
 def _response_tensor(headers: dict[str, str], body: bytearray) -> Any:
     """The response tensor, on the received buffer itself (a writable bytearray: no copy)."""
-    import json
-
-    import torch
-
-    shape = json.loads(headers["shape"])
-    dtype = _torch_dtypes()[headers["dtype"]]
-    return torch.frombuffer(body, dtype=dtype).reshape(shape)
+    array = read_tensor(headers, body)
+    if array.dtype == bfloat16:  # torch reads the bits itself
+        return torch().frombuffer(body, dtype=torch().bfloat16).reshape(array.shape)
+    return torch().from_numpy(array)
 
 
 def _is_video_processor(processor: Any) -> bool:
@@ -156,16 +139,14 @@ def _decode_result(
     partial_postprocess: bool,
 ) -> Any:
     """What diffusers' `postprocess_decode` returns for the same response."""
-    from PIL import Image
-
-    tensor = None
+    tensor: Any = None
     if output_type == "pt" or (output_type == "pil" and processor is not None):
         tensor = _response_tensor(headers, content)
     output: Any = None
     if output_type == "pt":
         if partial_postprocess:
             if return_type == "pil":
-                images = [Image.fromarray(image.numpy()) for image in tensor]
+                images = pil_images(tensor.numpy())
                 output = images[0] if len(images) == 1 else images
             elif return_type == "pt":
                 output = tensor
@@ -176,12 +157,12 @@ def _decode_result(
         else:
             output = processor.postprocess(tensor, output_type="pil")[0]
     elif output_type == "pil" and return_type == "pil" and processor is None:
-        output = Image.open(io.BytesIO(content)).convert("RGB")
+        output = pil_open(content).convert("RGB")
         output.format = detect_image_type(content)
     elif output_type == "pil" and processor is not None:
         if return_type == "pil":
             pixels = (tensor.permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
-            output = [Image.fromarray(image) for image in pixels]
+            output = pil_images(pixels)
         elif return_type == "pt":
             output = tensor
     elif output_type == "mp4" and return_type == "mp4":
@@ -193,17 +174,13 @@ def _decode_result(
 _RGB_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1")
 
 
-def _single_model_factor(info: ServerInfo | None, url: str) -> int | None:
-    """The spatial factor of the model a vaelink server answers with at `url`, if it is certain."""
+def _raw_pixels_factor(target: RemoteEndpoint) -> int | None:
+    """The spatial factor of the model a vaelink server taking raw pixels answers with, if it is
+    certain (None: send a PNG)."""
+    info = target.info()
     if info is None or not info.uint8_images:
         return None
-    from urllib.parse import urlsplit
-
-    path = urlsplit(url).path.strip("/").split("/")[0]
-    model = info.models.get(path) if path else None
-    if model is None and len(info.models) == 1:
-        model = next(iter(info.models.values()))
-    factor = (model or {}).get("spatial_factor")
+    factor = (info.model(target.url) or {}).get("spatial_factor")
     return int(factor) if factor else None
 
 
@@ -214,20 +191,18 @@ def remote_encode(
     shift_factor: float | None = None,
 ) -> Any:
     """diffusers' `remote_encode`, the same in and out: see its documentation."""
-    import torch
-
     params: dict[str, Any] = {}
     if scaling_factor is not None:
         params["scaling_factor"] = scaling_factor
     if shift_factor is not None:
         params["shift_factor"] = shift_factor
     target = _endpoint(endpoint)
-    if isinstance(image, torch.Tensor):
+    if is_torch(image):
         body, shape, dtype = _tensor_body(image)
         params |= {"shape": shape, "dtype": dtype}
     elif getattr(image, "mode", None) in _RGB_MODES:
-        pixels = np.asarray(image.convert("RGB"))
-        factor = _single_model_factor(target.info(), endpoint)
+        pixels = pil_to_rgb(image)
+        factor = _raw_pixels_factor(target)
         if factor is not None and min(pixels.shape[:2]) >= factor:
             # A vaelink server takes the pixels raw; it would crop a PNG's to the factor the same.
             fitted = pixels

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import image, storage
-from .engine import DEFAULT_MODEL, Engine
+from . import image, latents_file
+from .cards import DEFAULT_MODEL
+from .engine import Engine
 
 SAMPLE_PHOTO = Path(__file__).parent / "data" / "astronaut.jpg"
 
@@ -62,7 +63,7 @@ def run(photo: Path | None, output: Path, model: str = DEFAULT_MODEL) -> dict[st
     side = np.concatenate([pixels, restored, latent_grid(latents[0], pixels.shape[0])], axis=1)
     (output / "side_by_side.png").write_bytes(image.encode_image(side, "png"))
     (output / "reconstruction.png").write_bytes(image.encode_image(restored, "png"))
-    storage.save_latents(
+    latents_file.save_latents(
         output / "latents.safetensors",
         {"latents": latents},
         {"model": engine.card.name, "source": path.name},

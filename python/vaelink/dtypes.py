@@ -1,7 +1,7 @@
-"""The four element types of the remote-VAE wire format and their numpy dtypes.
+"""The four element types of the remote-VAE wire format, their numpy dtypes, and conversions.
 
 numpy has no bfloat16 of its own; vaelink uses `ml_dtypes.bfloat16` (the dtype JAX and ONNX use),
-whose arrays cross into the Rust core as their uint16 bits."""
+whose arrays cross into the Rust core as their uint16 bits, and converts float32 to it in the core."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
+from . import _native
 from .errors import TensorError
 
 __all__ = [
@@ -17,9 +18,13 @@ __all__ = [
     "DTypeName",
     "bfloat16",
     "dtype_name",
+    "from_bfloat16",
     "from_bits",
+    "little_endian",
     "numpy_dtype",
+    "to_bfloat16",
     "to_bits",
+    "to_float32",
 ]
 
 DTypeName = Literal["float16", "bfloat16", "float32", "uint8"]
@@ -64,3 +69,32 @@ def to_bits(array: np.ndarray) -> np.ndarray:
 def from_bits(bits: np.ndarray) -> np.ndarray:
     """uint16 bits from the core as a bfloat16 array (a view)."""
     return bits.view(bfloat16)
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """The array as the Rust core and the wire take it: C-contiguous, little-endian (a copy only
+    when it is not already). 0-d arrays stay 0-d."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.require(array, requirements="C")
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 with round-to-nearest-even (NaN stays NaN), without torch."""
+    src = np.require(array, np.float32, "C")
+    return from_bits(_native.f32_to_bf16(src))
+
+
+def from_bfloat16(array: np.ndarray) -> np.ndarray:
+    """bfloat16 (or its uint16 bits) -> float32, exactly."""
+    src = np.require(array, requirements="C")
+    if src.dtype not in (bfloat16, np.uint16):
+        raise TensorError(f"expected a bfloat16 array, got {src.dtype}")
+    return _native.bf16_to_f32(to_bits(src))
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    """Any float array (bfloat16 included) as float32; float32 ones unchanged."""
+    if array.dtype == bfloat16:
+        return from_bfloat16(array)
+    return array.astype(np.float32, copy=False)

@@ -1,11 +1,10 @@
 """The local engine: exported VAEs run by ONNX Runtime - the CUDA execution provider when present,
 the CPU provider otherwise - with batches sliced and images tiled to fit a memory budget.
 
-No torch at run time; torch tensors are accepted and returned when given."""
+No torch at run time; torch tensors are accepted and returned when given (bound in place)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +13,26 @@ from typing import Any, Literal
 import numpy as np
 
 from . import processing
-from .errors import TensorError, VaelinkError
-from .image import load_rgb
-from .registry import ModelCard
-from .store import Manifest, find_export, read_manifest
+from .batches import (
+    ImageBatch,
+    ImageInput,
+    LatentBatch,
+    LatentInput,
+    RawOutput,
+    as_image_batch,
+    as_latent_batch,
+)
+from .cards import DEFAULT_MODEL, ModelCard, Scaling
+from .errors import CorruptExportError, EngineError, TensorError
+from .exports import Manifest, ModelLike, read_manifest, resolve_model
+from .frameworks import Array, array_namespace, is_torch, torch
 from .tiling import TileGrid, run_tiled
 
-__all__ = ["DEFAULT_MODEL", "Engine", "EngineError"]
+__all__ = ["Engine", "MemoryModel", "Provider"]
 
-DEFAULT_MODEL = "vaelink-tiny"
 Provider = Literal["auto", "cpu", "cuda"]
-Output = Literal["uint8", "float"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-
-
-class EngineError(VaelinkError, RuntimeError):
-    """ONNX Runtime could not load or run a model."""
 
 
 def _ort() -> Any:
@@ -74,8 +76,19 @@ class MemoryModel:
         return conv + attention
 
 
+def _check_card(card: ModelCard, manifest: Manifest, folder: Path) -> None:
+    """An export made for other constants than the card's would decode garbage."""
+    exported = manifest.card
+    fields = ("architecture", "latent_channels", "spatial_factor")
+    if any(getattr(exported, f) != getattr(card, f) for f in fields):
+        raise CorruptExportError(
+            f"{folder} was exported for {exported.name} ({exported.architecture}, "
+            f"{exported.latent_channels} channels), not {card.name}; export it again"
+        )
+
+
 class Engine:
-    """Runs one exported model.
+    """Runs one exported model; a `vaelink.backend.Backend`.
 
     `model` is a card name (exported with `vaelink export NAME`, or bundled) or an export folder.
     `provider`: `auto` picks CUDA when onnxruntime-gpu sees a GPU. `dtype`: float16 by default on
@@ -85,17 +98,18 @@ class Engine:
 
     def __init__(
         self,
-        model: str | os.PathLike[str] = DEFAULT_MODEL,
+        model: ModelLike = DEFAULT_MODEL,
         *,
         provider: Provider = "auto",
         dtype: Literal["float32", "float16"] | None = None,
         memory_limit: int | None = None,
         tile_size: int | None = None,
     ) -> None:
-        folder = Path(model) if Path(model).is_dir() else find_export(str(model))
-        self.folder = folder
-        self.manifest: Manifest = read_manifest(folder)
-        self.card: ModelCard = self.manifest.card
+        resolved = resolve_model(model)
+        self.folder = resolved.export_folder()
+        self.manifest: Manifest = read_manifest(self.folder)
+        self.card: ModelCard = resolved.card
+        _check_card(self.card, self.manifest, self.folder)
         ort = _ort()
         if provider == "auto":
             provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
@@ -148,9 +162,9 @@ class Engine:
     def _run_graph(self, part: str, x: Any) -> Any:
         """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
         numpy arrays go through `session.run`; torch tensors stay on their device (IO binding)."""
-        run = self._run_bound if _is_torch(x) else self._run_session
+        run = self._run_bound if is_torch(x) else self._run_session
         result = run(part, x, self.dtype)
-        if self.dtype != "float32" and not bool(_xp(result).isfinite(result).all()):
+        if self.dtype != "float32" and not bool(array_namespace(result).isfinite(result).all()):
             result = run(part, x, "float32")
         return result
 
@@ -164,12 +178,10 @@ class Engine:
 
     def _run_bound(self, part: str, x: Any, dtype: str) -> Any:
         """Runs on torch memory in place: input and output bound to the tensors' device buffers."""
-        import torch
-
         session = self._session(part, dtype)
-        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        torch_dtype = torch().float16 if dtype == "float16" else torch().float32
         x = x.to(torch_dtype).contiguous()
-        out = torch.empty(self._out_shape(part, x.shape), dtype=torch_dtype, device=x.device)
+        out = torch().empty(self._out_shape(part, x.shape), dtype=torch_dtype, device=x.device)
         device = "cuda" if x.is_cuda else "cpu"
         index = x.device.index or 0
         binding = session.io_binding()
@@ -193,7 +205,7 @@ class Engine:
             (out,) = session.run(None, feed)
         except Exception as e:
             raise EngineError(f"{self.card.name} {part} failed on input {x.shape}: {e}") from e
-        return out.astype(np.float32, copy=False)
+        return np.asarray(out, dtype=np.float32)
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -223,44 +235,46 @@ class Engine:
         return 1024 if self.provider == "cuda" else 512
 
     def _apply(
-        self, part: str, x: np.ndarray, height: int, width: int, tile: bool | None, grid: TileGrid
-    ) -> np.ndarray:
+        self, part: str, x: Array, height: int, width: int, tile: bool | None, grid: TileGrid
+    ) -> Array:
         plan = self._plan(height, width, tile, grid)
-        run: Callable[[np.ndarray], np.ndarray] = lambda t: self._run_graph(part, t)  # noqa: E731
+        run: Callable[[Array], Array] = lambda t: self._run_graph(part, t)  # noqa: E731
         if plan is not None:
             pieces = [run_tiled(run, x[i : i + 1], plan) for i in range(len(x))]
         else:
             pieces = [run(x[s]) for s in self._batch_slices(len(x), height, width)]
-        return pieces[0] if len(pieces) == 1 else _xp(x).concatenate(pieces)
+        return pieces[0] if len(pieces) == 1 else array_namespace(x).concatenate(pieces)
 
     # -- public API -----------------------------------------------------------------------------
 
     def encode(
         self,
-        images: Any,
+        images: ImageInput | ImageBatch,
+        /,
         *,
         sample: bool = False,
         seed: int | None = None,
         noise: np.ndarray | None = None,
         tile: bool | None = None,
+        scaling: Scaling | None = None,
     ) -> Any:
         """Images -> scaled latents `[B, C, H/8, W/8]` float32 (a torch tensor when given one).
 
         `images`: uint8 `HWC`/`NHWC` arrays, PIL images, paths or bytes (a list of same-size images
         is a batch), or float `NCHW` in [-1, 1] (numpy or torch). AutoencoderKL models return the
         posterior mean, or with `sample=True` `mean + std * noise` (noise from `seed`, or given).
+        `scaling`: the latents' normalisation (default: the card's).
         """
-        x = _to_nchw_float(images)
+        x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()
         self._check_image_tensor(x)
-        f = self.card.spatial_factor
-        grid = TileGrid(tile=self._tile_px(), overlap=self._tile_px() // 4, num=1, den=f)
+        grid = TileGrid(self._tile_px(), self._tile_px() // 4, num=1, den=self.card.spatial_factor)
         moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid)
         z = self._posterior(moments, sample, seed, noise)
-        return (z - self.card.shift_factor) * self.card.scaling_factor
+        return (scaling or self.card.scaling).apply(z)
 
     def _posterior(
-        self, moments: np.ndarray, sample: bool, seed: int | None, noise: np.ndarray | None
-    ) -> np.ndarray:
+        self, moments: Array, sample: bool, seed: int | None, noise: Array | None
+    ) -> Array:
         if not self.card.has_posterior:
             return moments  # tiny autoencoders are deterministic
         c = self.card.latent_channels
@@ -270,7 +284,7 @@ class Engine:
         if noise is None:
             # numpy's generator for both kinds of input, so a seed means the same noise everywhere.
             noise = np.random.default_rng(seed).standard_normal(tuple(mean.shape), np.float32)
-        xp = _xp(mean)
+        xp = array_namespace(mean)
         if xp is np:  # float32 like the latents (float64 noise would promote them)
             noise = np.asarray(noise, dtype=np.float32)
         else:
@@ -284,42 +298,39 @@ class Engine:
 
     def decode(
         self,
-        latents: Any,
+        latents: LatentInput | LatentBatch,
+        /,
         *,
         height: int | None = None,
         width: int | None = None,
-        output: Output = "uint8",
+        output: RawOutput = "uint8",
         tile: bool | None = None,
+        scaling: Scaling | None = None,
     ) -> Any:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
-        `width` (the image size in pixels)."""
+        `width` (the image size in pixels). `scaling`: the latents' normalisation (default: the
+        card's)."""
         if output not in ("uint8", "float"):
             raise TensorError(f"unknown output {output!r}; expected uint8 or float")
-        z = _as_float32(latents)
-        if z.ndim == 3:
-            if height is None or width is None:
-                raise TensorError("packed 3-D latents need height and width (pixels)")
-            z = _unpack(z, height, width)
+        z = as_latent_batch(latents, height, width, channels=self.card.latent_channels).unpacked()
         self._check_latents(z)
-        z = z / self.card.scaling_factor + self.card.shift_factor
+        z = (scaling or self.card.scaling).invert(z)
         f = self.card.spatial_factor
         tile_latent = self._tile_px() // f
         grid = TileGrid(tile=tile_latent, overlap=tile_latent // 4, num=f, den=1)
         image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid)
         if output == "float":
             return image
-        if _is_torch(image):
-            import torch
-
+        if is_torch(image):
             # The same expression as vaelink.postprocess, in torch on the tensor's device.
             pixels = ((image / 2 + 0.5).clip(0, 1) * 255).round()
-            return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            return pixels.to(torch().uint8).permute(0, 2, 3, 1).contiguous()
         return processing.postprocess(image)
 
     # -- validation -----------------------------------------------------------------------------
 
-    def _check_image_tensor(self, x: np.ndarray) -> None:
+    def _check_image_tensor(self, x: Array) -> None:
         f = self.card.spatial_factor
         if x.ndim != 4 or x.shape[1] != 3:
             raise TensorError(f"images must be 3-channel NCHW, got shape {x.shape}")
@@ -330,71 +341,14 @@ class Engine:
                 f"image size {x.shape[2]}x{x.shape[3]} must be a positive multiple of {f} "
                 "(vaelink.fit_to_multiple crops or resizes)"
             )
-        if not bool(_xp(x).isfinite(x).all()):
+        if not bool(array_namespace(x).isfinite(x).all()):
             raise TensorError("images contain NaN or infinity")
 
-    def _check_latents(self, z: np.ndarray) -> None:
+    def _check_latents(self, z: Array) -> None:
         c = self.card.latent_channels
         if z.ndim != 4 or z.shape[1] != c:
             raise TensorError(f"{self.card.name} latents must be [B, {c}, H, W], got {z.shape}")
         if 0 in z.shape:
             raise TensorError(f"empty latents {z.shape}")
-        if not bool(_xp(z).isfinite(z).all()):
+        if not bool(array_namespace(z).isfinite(z).all()):
             raise TensorError("latents contain NaN or infinity")
-
-
-# -- input conversion -------------------------------------------------------------------------------
-
-
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch")
-
-
-def _xp(array: Any) -> Any:
-    """The array namespace of `array`: numpy, or torch for tensors (which stay on their device)."""
-    if _is_torch(array):
-        import torch
-
-        return torch
-    return np
-
-
-def _as_float32(value: Any) -> Any:
-    if _is_torch(value):
-        return value.float()
-    return np.asarray(value, dtype=np.float32)
-
-
-def _unpack(z: Any, height: int, width: int) -> Any:
-    if _is_torch(z):
-        import torch
-
-        unpacked = processing.unpack_latents(z.detach().cpu().numpy(), height, width)
-        return torch.from_numpy(unpacked).to(z.device)
-    return processing.unpack_latents(z, height, width)
-
-
-def _to_nchw_float(images: Any) -> Any:
-    """Any batch of images as float32 NCHW in [-1, 1]: torch tensors stay torch (uint8 NHWC ones are
-    normalised in torch), everything else becomes numpy."""
-    if _is_torch(images):
-        import torch
-
-        if images.dtype == torch.uint8:
-            x = images if images.ndim == 4 else images[None]
-            return x.permute(0, 3, 1, 2).float() * 2 / 255 - 1
-        x = images.float()
-        return x if x.ndim == 4 else x[None]
-    if isinstance(images, Sequence) and not isinstance(images, str | bytes | bytearray):
-        if not images:
-            raise TensorError("empty batch")
-        arrays = [load_rgb(image) for image in images]
-        if len({a.shape for a in arrays}) != 1:
-            raise TensorError("images in a batch must have the same size")
-        return processing.preprocess(np.stack(arrays))
-    if isinstance(images, np.ndarray) and images.dtype != np.uint8:
-        x = images.astype(np.float32, copy=False)
-        return x[None] if x.ndim == 3 else x
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return processing.preprocess(images)
-    return processing.preprocess(load_rgb(images))

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cards import ModelCard, get_card
 from .errors import VaelinkError
-from .registry import ModelCard, get_card
-from .store import MANIFEST, Manifest, export_dir, read_manifest, sha256_file
+from .exports import MANIFEST, Manifest, export_dir, read_manifest, sha256_file
 
 __all__ = ["VARIANTS", "export_model", "export_vae"]
 
@@ -40,7 +40,7 @@ def _require_torch() -> Any:
 
 def _graphs(vae: Any) -> tuple[Any, Any]:
     """The encoder and decoder of a diffusers VAE as modules with one input and one output."""
-    torch = _require_torch()
+    torch: Any = _require_torch()
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:

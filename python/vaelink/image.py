@@ -5,12 +5,13 @@ Pixels are numpy `uint8` arrays of shape `(height, width, 3)`, RGB."""
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
 from . import _native
 from .errors import DecodeError, EncodeError, TensorError
+from .frameworks import is_pil, pil_to_rgb
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -72,7 +73,7 @@ def decode_image(
 def probe_image(data: BytesLike | str | os.PathLike[str]) -> ImageInfo:
     """The format and size of an encoded image, read from its header alone."""
     fmt, width, height = _native.probe_image(_read_bytes(data))
-    return ImageInfo(fmt, width, height)
+    return ImageInfo(cast(ImageFormat, fmt), width, height)
 
 
 def encode_image(
@@ -125,8 +126,8 @@ def load_rgb(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     or an array (HWC uint8 RGB; gray `(H, W)` is replicated)."""
     if isinstance(image, BytesLike | str | os.PathLike):
         return decode_image(image, max_pixels=max_pixels)
-    if type(image).__module__.startswith("PIL."):
-        return np.asarray(image.convert("RGB"))
+    if is_pil(image):
+        return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8 and image.ndim == 2:
             return np.repeat(image[:, :, None], 3, axis=2)

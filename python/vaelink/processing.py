@@ -11,16 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import _native
-from .dtypes import DTypeName, bfloat16, dtype_name, from_bits, to_bits
+from .dtypes import DTypeName, bfloat16, dtype_name, from_bits, little_endian, to_bits
 from .errors import TensorError
 
 __all__ = ["pack_latents", "postprocess", "preprocess", "unpack_latents"]
-
-
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
 
 
 def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
@@ -28,7 +22,7 @@ def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
     array = np.asarray(images)
     if array.dtype != np.uint8:
         raise TensorError(f"preprocess takes uint8 images, got {array.dtype}")
-    out = _native.preprocess(_contiguous(array), dtype)
+    out = _native.preprocess(little_endian(array), dtype)
     return from_bits(out) if dtype == "bfloat16" else out
 
 
@@ -37,12 +31,12 @@ def postprocess(tensor: np.ndarray) -> np.ndarray:
     array = np.asarray(tensor)
     if array.dtype.newbyteorder("=") not in (np.float32, np.float16, bfloat16):  # ">f4" too
         raise TensorError(f"postprocess takes float32, float16 or bfloat16, got {array.dtype}")
-    return _native.postprocess(to_bits(_contiguous(array)))
+    return _native.postprocess(to_bits(little_endian(array)))
 
 
 def _movable(latents: np.ndarray) -> np.ndarray:
     """Contiguous little-endian latents of a wire dtype (bfloat16 as its uint16 bits)."""
-    array = _contiguous(np.asarray(latents))
+    array = little_endian(np.asarray(latents))
     dtype_name(array.dtype)  # the four wire dtypes only
     return array
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .frameworks import is_torch, to_torch
+
 __all__ = ["TileGrid", "run_tiled", "tile_starts"]
 
 
@@ -90,8 +92,6 @@ def run_tiled(fn: Callable[[Any], Any], x: Any, grid: TileGrid) -> Any:
 
 def _converter(like: Any) -> Callable[[np.ndarray], Any]:
     """Moves numpy arrays to where `like` lives (torch tensors' device), or leaves them as they are."""
-    if type(like).__module__.startswith("torch"):
-        import torch
-
-        return lambda a: torch.from_numpy(a).to(like.device)
+    if is_torch(like):
+        return lambda a: to_torch(a, like)
     return lambda a: a

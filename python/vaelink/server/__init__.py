@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..engine import Engine, Provider
 from ..errors import VaelinkError
 from .batching import Batching
 from .protocol import Limits
@@ -26,14 +27,12 @@ def __getattr__(name: str) -> Any:
 
 
 def load_engines(
-    models: Sequence[str | os.PathLike[str]], provider: str = "auto"
-) -> dict[str, Any]:
+    models: Sequence[str | os.PathLike[str]], provider: Provider = "auto"
+) -> dict[str, Engine]:
     """An engine per `--model` (card name or export folder), keyed by the card's name."""
-    from ..engine import Engine
-
-    engines: dict[str, Any] = {}
+    engines: dict[str, Engine] = {}
     for model in models:
-        engine = Engine(model, provider=provider)  # type: ignore[arg-type]
+        engine = Engine(model, provider=provider)
         name = engine.card.name
         if name in engines:
             raise VaelinkError(f"model {name!r} is given twice; each name is served once")
@@ -41,7 +40,7 @@ def load_engines(
     return engines
 
 
-def warm_up(engine: Any) -> None:
+def warm_up(engine: Engine) -> None:
     """One small encode and decode, so that the first request does not pay for loading graphs."""
     import numpy as np
 
@@ -55,7 +54,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    provider: str = "auto",
+    provider: Provider = "auto",
     token: str | None = None,
     limits: Limits | None = None,
     batching: Batching | None = None,

@@ -21,11 +21,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..errors import ImageTooLargeError, VaelinkError
+from ..cards import IDENTITY
+from ..engine import Engine
+from ..errors import (
+    ImageTooLargeError,
+    QueueFullError,
+    RejectedRequestError,
+    ShuttingDownError,
+    VaelinkError,
+)
 from . import protocol
-from .batching import Batcher, Batching, Job, QueueFullError, ShuttingDownError
+from .batching import Batcher, Batching, Job
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import Limits, RequestError
+from .protocol import Limits
 
 __all__ = ["Batching", "Limits", "ModelService", "create_app"]
 
@@ -43,17 +51,17 @@ class BatchKey(NamedTuple):
 
 
 class ModelService:
-    """One served model: its engine (any object with `card`, `encode` and `decode` as
-    `vaelink.engine.Engine` has them) behind a batcher."""
+    """One served model: its engine behind a batcher. The engine computes unscaled latents; each
+    request's own scaling is applied in `protocol`, so requests with any factors batch together."""
 
     def __init__(
-        self, name: str, engine: Any, limits: Limits, batching: Batching, metrics: Metrics
+        self, name: str, engine: Engine, limits: Limits, batching: Batching, metrics: Metrics
     ) -> None:
         self.name = name
         self.engine = engine
         self.card = engine.card
         self.limits = limits
-        self.batcher = Batcher(
+        self.batcher: Batcher[BatchKey] = Batcher(
             self._run,
             max_batch=batching.max_batch if batching.enabled else 1,
             max_wait=batching.max_wait_ms / 1000 if batching.enabled else 0.0,
@@ -72,10 +80,12 @@ class ModelService:
         """One engine call for a batch (in the engine thread), split back into the jobs."""
         x = jobs[0].array if len(jobs) == 1 else np.concatenate([job.array for job in jobs])
         if key.op == "decode":
-            out = self.engine.decode(x, output="float", tile=key.tile)
+            out = self.engine.decode(x, output="float", tile=key.tile, scaling=IDENTITY)
         else:
             noise = np.concatenate([job.extra for job in jobs]) if key.sample else None
-            out = self.engine.encode(x, sample=key.sample, noise=noise, tile=key.tile)
+            out = self.engine.encode(
+                x, sample=key.sample, noise=noise, tile=key.tile, scaling=IDENTITY
+            )
         bounds = np.cumsum([job.size for job in jobs])[:-1]
         return np.split(np.asarray(out), bounds)
 
@@ -105,7 +115,7 @@ class ModelService:
         x, noise = await run_in_threadpool(self._prepare_encode, body, req, sample)
         tile = self._tile(x.shape[2], x.shape[3])
         latents = await self.batcher.submit(BatchKey("encode", x.shape[1:], tile, sample), x, noise)
-        return _response(await run_in_threadpool(protocol.encode_response, latents, req, self.card))
+        return _response(await run_in_threadpool(protocol.encode_response, latents, req))
 
     def info(self) -> dict[str, Any]:
         card = self.card
@@ -116,8 +126,8 @@ class ModelService:
             "shift_factor": card.shift_factor,
             "spatial_factor": card.spatial_factor,
             "packed_latents": card.packed_latents,
-            "provider": getattr(self.engine, "provider", None),
-            "dtype": getattr(self.engine, "dtype", None),
+            "provider": self.engine.provider,
+            "dtype": self.engine.dtype,
         }
 
 
@@ -133,7 +143,7 @@ def error_response(
 
 
 def _status_of(error: Exception) -> tuple[int, str, dict[str, str]]:
-    if isinstance(error, RequestError):
+    if isinstance(error, RejectedRequestError):
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
         return error.status, str(error), headers
     if isinstance(error, ClientDisconnect):  # nobody reads this answer; nginx's code for it
@@ -172,12 +182,14 @@ class ServerState:
         if name is None:
             if len(self.services) == 1:
                 return next(iter(self.services.values()))
-            raise RequestError(
+            raise RejectedRequestError(
                 f"several models are served: POST to /<model>/, one of {sorted(self.services)}",
                 404,
             )
         if name not in self.services:
-            raise RequestError(f"unknown model {name!r}; served: {sorted(self.services)}", 404)
+            raise RejectedRequestError(
+                f"unknown model {name!r}; served: {sorted(self.services)}", 404
+            )
         return self.services[name]
 
     def authorize(self, request: Request) -> None:
@@ -187,7 +199,7 @@ class ServerState:
         given = credentials.strip().encode()
         # compare_digest: the time taken does not tell how much of the token matched.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token.encode()):
-            raise RequestError("missing or invalid bearer token", 401)
+            raise RejectedRequestError("missing or invalid bearer token", 401)
 
     def info(self) -> dict[str, Any]:
         from .. import __version__
@@ -253,14 +265,14 @@ async def _drain(request: Request, cap: int) -> None:
                 break
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _predict(op: str | None) -> Endpoint:
+def _predict(op: str | None) -> Handler:
     """POST handler; `op` fixed by the route (`/encode`, `/decode`) or None to tell from the
     request (`protocol.operation`)."""
 
-    async def endpoint(request: Request) -> Response:
+    async def handler(request: Request) -> Response:
         state: ServerState = request.app.state.vaelink
         start = time.perf_counter()
         model, kind = "unknown", op or "unknown"
@@ -289,7 +301,7 @@ def _predict(op: str | None) -> Endpoint:
         )
         return response
 
-    return endpoint
+    return handler
 
 
 async def health(request: Request) -> Response:
@@ -322,9 +334,9 @@ def _routes() -> list[BaseRoute]:
             ("/decode", "decode"),
             ("/encode", "encode"),
         ):
-            endpoint = _predict(op)
+            handler = _predict(op)
             for path in {prefix + suffix or "/", prefix + suffix + "/"}:
-                routes.append(Route(path, endpoint, methods=["POST"]))
+                routes.append(Route(path, handler, methods=["POST"]))
     return routes
 
 
@@ -339,7 +351,7 @@ async def _auth_or_internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    engines: Mapping[str, Any],
+    engines: Mapping[str, Engine],
     *,
     limits: Limits | None = None,
     batching: Batching | None = None,
@@ -351,7 +363,7 @@ def create_app(
         raise ValueError("serve at least one model")
     limits = limits or Limits()
     batching = batching or Batching()
-    gpu = any(getattr(engine, "provider", "cpu") == "cuda" for engine in engines.values())
+    gpu = any(engine.provider == "cuda" for engine in engines.values())
     metrics_ = Metrics(gpu=gpu)
     services = {
         name: ModelService(name, engine, limits, batching, metrics_)
@@ -374,7 +386,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,
-            RequestError: _auth_or_internal_error,
+            RejectedRequestError: _auth_or_internal_error,
             Exception: _auth_or_internal_error,
         },
     )

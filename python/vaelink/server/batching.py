@@ -13,11 +13,13 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["Batcher", "Batching", "Job", "QueueFullError", "ShuttingDownError"]
+from ..errors import QueueFullError, ShuttingDownError
+
+__all__ = ["Batcher", "Batching", "Job"]
 
 
 @dataclass(frozen=True)
@@ -29,18 +31,6 @@ class Batching:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 64
-
-
-class QueueFullError(Exception):
-    """Too many requests are waiting; try again after `retry_after` seconds."""
-
-    def __init__(self, depth: int, retry_after: int = 1) -> None:
-        super().__init__(f"server busy: {depth} requests waiting; retry later")
-        self.retry_after = retry_after
-
-
-class ShuttingDownError(Exception):
-    """The server stopped before the request ran."""
 
 
 @dataclass
@@ -55,47 +45,49 @@ class Job:
         return len(self.array)
 
 
+K = TypeVar("K", bound=Hashable)
+"""What requests must share to run in one batch."""
+
+
 @dataclass
-class _Group:
-    key: Hashable
+class _Group(Generic[K]):
+    key: K
     created: float
     jobs: list[Job] = field(default_factory=list)
     size: int = 0
 
 
-RunBatch = Callable[[Hashable, list[Job]], list[Any]]
+RunBatch = Callable[[K, list[Job]], list[Any]]
 """Runs one batch in the worker thread: a result per job, in order."""
-BatchHook = Callable[[Hashable, int, int, float], None]
+BatchHook = Callable[[K, int, int, float], None]
 """Called after each batch with (key, images, requests, seconds)."""
 
 
-class Batcher:
+class Batcher(Generic[K]):
     """Collects jobs into groups by key. A group runs when it holds `max_batch` images, or when its
     first job has waited `max_wait` seconds and a worker is free; until then later jobs join it, so
     under load batches fill up by themselves. `max_batch=1` turns batching off."""
 
     def __init__(
         self,
-        run: RunBatch,
+        run: RunBatch[K],
         *,
         max_batch: int = 8,
         max_wait: float = 0.005,
         max_queue: int = 64,
-        workers: int = 1,
-        on_batch: BatchHook | None = None,
+        on_batch: BatchHook[K] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 1 or workers < 1 or max_wait < 0:
-            raise ValueError("max_batch, max_queue and workers must be positive, max_wait >= 0")
+        if max_batch < 1 or max_queue < 1 or max_wait < 0:
+            raise ValueError("max_batch and max_queue must be positive, max_wait >= 0")
         self._run = run
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_queue = max_queue
-        self.workers = workers
         self._on_batch = on_batch
         self._on_depth = on_depth
-        self._open: dict[Hashable, _Group] = {}
-        self._full: deque[_Group] = deque()
+        self._open: dict[K, _Group[K]] = {}
+        self._full: deque[_Group[K]] = deque()
         self._waiting = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -107,9 +99,10 @@ class Batcher:
         return self._waiting
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vaelink-engine")
+        # One engine thread: ONNX Runtime parallelises each call itself.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="vaelink-engine")
         self._wake = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
+        self._tasks = [asyncio.create_task(self._worker())]
 
     async def stop(self) -> None:
         """Stops the workers (after the server has drained its requests) and fails what is left."""
@@ -126,7 +119,7 @@ class Batcher:
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    async def submit(self, key: Hashable, array: np.ndarray, extra: Any = None) -> Any:
+    async def submit(self, key: K, array: np.ndarray, extra: Any = None) -> Any:
         """Queues one request and waits for its result."""
         if self._wake is None:
             raise ShuttingDownError("batcher not started")
@@ -155,13 +148,13 @@ class Batcher:
         if self._on_depth is not None:
             self._on_depth(n)
 
-    def _seal(self, group: _Group) -> None:
+    def _seal(self, group: _Group[K]) -> None:
         """A full group: it takes no more jobs and runs as soon as a worker is free."""
         if self._open.get(group.key) is group:
             del self._open[group.key]
         self._full.append(group)
 
-    def _take(self, now: float) -> _Group | None:
+    def _take(self, now: float) -> _Group[K] | None:
         """The oldest group that may run now: a full one, or an open one past its wait."""
         ready = [g for g in self._open.values() if now - g.created >= self.max_wait]
         if self._full:
@@ -175,7 +168,7 @@ class Batcher:
             del self._open[group.key]
         return group
 
-    async def _next_group(self) -> _Group:
+    async def _next_group(self) -> _Group[K]:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -214,7 +207,8 @@ class Batcher:
             if self._on_batch is not None:
                 images = sum(job.size for job in jobs)
                 self._on_batch(group.key, images, len(jobs), time.perf_counter() - start)
-            self._wake.set()  # other workers may have groups to look at again
+            assert self._wake is not None
+            self._wake.set()  # groups may have become ready while this one ran
 
     @staticmethod
     def _fail(jobs: list[Job], error: BaseException) -> None:

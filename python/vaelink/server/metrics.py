@@ -3,13 +3,14 @@ as in the tests)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ..frameworks import torch_if_imported
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -50,7 +51,7 @@ def _gpu_memory() -> list[tuple[int, int]]:
         return readings
     except Exception:  # not installed, no driver, no GPU
         pass
-    torch: Any = sys.modules.get("torch")  # never import torch just for a metric
+    torch: Any = torch_if_imported()  # never import torch just for a metric
     try:
         if torch is not None and torch.cuda.is_available():
             return [
@@ -126,4 +127,4 @@ class Metrics:
         self.engine_latency.labels(model, op).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return bytes(generate_latest(self.registry))

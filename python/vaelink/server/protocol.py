@@ -2,7 +2,11 @@
 conversion between request bodies, engine arrays and response bodies.
 
 Pure functions over bytes and numpy arrays (no HTTP here), so that each rule is easy to test; the
-conversions are run in worker threads by the app. Errors are `RequestError`s carrying their status."""
+conversions are run in worker threads by the app. Errors are `RejectedRequestError`s carrying their
+status.
+
+The latents' scaling is the request's own (`Scaling`): applied here to what the engine computes
+unscaled, so that requests with any factors share engine batches."""
 
 from __future__ import annotations
 
@@ -14,15 +18,14 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from .. import image, processing, wire
+from ..cards import ModelCard, Scaling
 from ..dtypes import WIRE_DTYPES, DTypeName
-from ..errors import ImageTooLargeError, VaelinkError
-from ..registry import ModelCard
+from ..errors import ImageTooLargeError, RejectedRequestError
 
 __all__ = [
     "DecodeRequest",
     "EncodeRequest",
     "Limits",
-    "RequestError",
     "TensorResponse",
     "decode_request",
     "decode_response",
@@ -44,16 +47,8 @@ JPEG_QUALITY = 75  # what the public endpoints send
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
-class RequestError(VaelinkError, ValueError):
-    """A request the server refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def too_large(message: str) -> RequestError:
-    return RequestError(message, 413)
+def too_large(message: str) -> RejectedRequestError:
+    return RejectedRequestError(message, 413)
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,7 @@ def parse_query(query: str) -> Query:
 def _scalar(query: Query, name: str) -> Any:
     value = query.get(name)
     if isinstance(value, list):
-        raise RequestError(f"{name} must be one value, got {len(value)}")
+        raise RejectedRequestError(f"{name} must be one value, got {len(value)}")
     return value
 
 
@@ -103,13 +98,13 @@ def get_int(query: Query, name: str, *, minimum: int | None = None) -> int | Non
     if value is None:
         return None
     if isinstance(value, bool):
-        raise RequestError(f"{name} must be an integer, got {value}")
+        raise RejectedRequestError(f"{name} must be an integer, got {value}")
     try:
         number = int(value)  # "-3" stays a string in the runtime's conversion
     except (TypeError, ValueError):
-        raise RequestError(f"{name} must be an integer, got {value!r}") from None
+        raise RejectedRequestError(f"{name} must be an integer, got {value!r}") from None
     if minimum is not None and number < minimum:
-        raise RequestError(f"{name} must be at least {minimum}, got {number}")
+        raise RejectedRequestError(f"{name} must be at least {minimum}, got {number}")
     return number
 
 
@@ -118,13 +113,13 @@ def get_float(query: Query, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise RequestError(f"{name} must be a number, got {value}")
+        raise RejectedRequestError(f"{name} must be a number, got {value}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a number, got {value!r}") from None
+        raise RejectedRequestError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number):
-        raise RequestError(f"{name} must be finite, got {value!r}")
+        raise RejectedRequestError(f"{name} must be finite, got {value!r}")
     return number
 
 
@@ -136,27 +131,29 @@ def get_bool(query: Query, name: str, default: bool) -> bool:
         return value
     if value in (0, 1):
         return bool(value)
-    raise RequestError(f"{name} must be True or False, got {value!r}")
+    raise RejectedRequestError(f"{name} must be True or False, got {value!r}")
 
 
 def get_str(query: Query, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
     value = _scalar(query, name)
     if value is None:
         if default is None:
-            raise RequestError(f"missing query parameter {name}")
+            raise RejectedRequestError(f"missing query parameter {name}")
         return default
     if not isinstance(value, str) or value.lower() not in choices:
-        raise RequestError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+        raise RejectedRequestError(
+            f"unknown {name} {value!r}; expected one of {', '.join(choices)}"
+        )
     return value.lower()
 
 
 def get_shape(query: Query) -> tuple[int, ...]:
     value = query.get("shape")
     if value is None:
-        raise RequestError("missing query parameter shape")
+        raise RejectedRequestError("missing query parameter shape")
     values = value if isinstance(value, list) else [value]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise RequestError(f"shape must be non-negative integers, got {values!r}")
+        raise RejectedRequestError(f"shape must be non-negative integers, got {values!r}")
     return tuple(values)
 
 
@@ -175,8 +172,8 @@ def _media_types(accept: str | None) -> list[str]:
     return [part.split(";")[0].strip().lower() for part in (accept or "").split(",")]
 
 
-def _scaling(query: Query, card: ModelCard) -> tuple[float, float]:
-    """(scale, shift) of `latents = (z - shift) * scale`, for decode and encode alike.
+def _scaling(query: Query, card: ModelCard) -> Scaling:
+    """The request's latent scaling, for decode and encode alike.
 
     Factors sent are applied as sent (a missing one is the identity). With none sent,
     `do_scaling=True` (the diffusers client's deprecated default) means the model's own factors;
@@ -184,12 +181,12 @@ def _scaling(query: Query, card: ModelCard) -> tuple[float, float]:
     `do_scaling=False`, whose documented meaning is "no scaling"."""
     scale, shift = get_float(query, "scaling_factor"), get_float(query, "shift_factor")
     if scale == 0:
-        raise RequestError("scaling_factor must not be zero")
+        raise RejectedRequestError("scaling_factor must not be zero")
     if scale is not None or shift is not None:
-        return (1.0 if scale is None else scale, 0.0 if shift is None else shift)
+        return Scaling(1.0 if scale is None else scale, 0.0 if shift is None else shift)
     if get_bool(query, "do_scaling", False):
-        return card.scaling_factor, card.shift_factor
-    return 1.0, 0.0
+        return card.scaling
+    return Scaling()
 
 
 # -- decode ------------------------------------------------------------------------------------
@@ -200,8 +197,7 @@ class DecodeRequest:
     shape: tuple[int, ...]
     dtype: DTypeName
     output: DecodeOutput
-    scale: float
-    shift: float
+    scaling: Scaling
     height: int | None
     width: int | None
 
@@ -213,7 +209,7 @@ def _decode_output(query: Query, accept: str | None) -> DecodeOutput:
         query, "output_type", ("pil", "pt", "mp4"), "pil" if wants_image else "pt"
     )
     if output_type == "mp4":
-        raise RequestError("video (output_type=mp4) is not supported by this server")
+        raise RejectedRequestError("video (output_type=mp4) is not supported by this server")
     if output_type == "pt":
         return "uint8" if get_bool(query, "partial_postprocess", False) else "raw"
     for media, output in (
@@ -230,18 +226,16 @@ def _decode_output(query: Query, accept: str | None) -> DecodeOutput:
 
 def decode_request(query: Query, accept: str | None, card: ModelCard) -> DecodeRequest:
     """Validates a decode request's parameters (not yet its body)."""
-    scale, shift = _scaling(query, card)
     req = DecodeRequest(
         shape=get_shape(query),
         dtype=get_dtype(query),
         output=_decode_output(query, accept),
-        scale=scale,
-        shift=shift,
+        scaling=_scaling(query, card),
         height=get_int(query, "height", minimum=1),
         width=get_int(query, "width", minimum=1),
     )
     if req.output in ("jpeg", "png", "webp") and req.shape and req.shape[0] > 1:
-        raise RequestError(
+        raise RejectedRequestError(
             f"output_type=pil returns one image; got a batch of {req.shape[0]} "
             "(send one latent per request, or use output_type=pt)"
         )
@@ -251,22 +245,24 @@ def decode_request(query: Query, accept: str | None, card: ModelCard) -> DecodeR
 def _check_latent_shape(req: DecodeRequest, card: ModelCard, limits: Limits) -> None:
     shape, f = req.shape, card.spatial_factor
     if len(shape) == 5:
-        raise RequestError("video latents (5-D) are not supported by this server")
+        raise RejectedRequestError("video latents (5-D) are not supported by this server")
     if len(shape) not in (3, 4):
-        raise RequestError(f"latents must be 4-D [B, C, H, W] or packed 3-D, got shape {shape}")
+        raise RejectedRequestError(
+            f"latents must be 4-D [B, C, H, W] or packed 3-D, got shape {shape}"
+        )
     if 0 in shape:
-        raise RequestError(f"empty latents, shape {list(shape)}")
+        raise RejectedRequestError(f"empty latents, shape {list(shape)}")
     if len(shape) == 3:
         if req.height is None or req.width is None:
-            raise RequestError("packed 3-D latents need height and width")
+            raise RejectedRequestError("packed 3-D latents need height and width")
         height, width = 16 * (req.height // 16), 16 * (req.width // 16)
         if height == 0 or width == 0:
-            raise RequestError(
+            raise RejectedRequestError(
                 f"height and width must be at least 16, got {req.height}x{req.width}"
             )
     else:
         if shape[1] != card.latent_channels:
-            raise RequestError(
+            raise RejectedRequestError(
                 f"{card.name} latents have {card.latent_channels} channels, got shape {list(shape)}"
             )
         height, width = shape[2] * f, shape[3] * f
@@ -283,27 +279,24 @@ def _check_size(batch: int, height: int, width: int, limits: Limits) -> None:
 
 
 def read_latents(body: bytes, req: DecodeRequest, card: ModelCard, limits: Limits) -> np.ndarray:
-    """The request's latents as float32 `[B, C, h, w]`, scaled as the engine expects them (with the
-    model card's factors), validated so that a bad request never reaches a shared batch."""
+    """The request's latents as float32 `[B, C, h, w]`, unscaled (as the decoder takes them),
+    validated so that a bad request never reaches a shared batch."""
     _check_latent_shape(req, card, limits)
     if req.dtype not in FLOAT_DTYPES:
-        raise RequestError(f"latents must be float16, bfloat16 or float32, got {req.dtype}")
+        raise RejectedRequestError(f"latents must be float16, bfloat16 or float32, got {req.dtype}")
     latents = wire.from_wire(body, req.shape, req.dtype)
     if latents.ndim == 3:
         latents = processing.unpack_latents(latents, req.height or 0, req.width or 0)
         if latents.shape[1] != card.latent_channels:
-            raise RequestError(
+            raise RejectedRequestError(
                 f"{card.name} latents have {card.latent_channels} channels, "
                 f"packed ones {4 * card.latent_channels}; got shape {list(req.shape)}"
             )
     z = latents.astype(np.float32)  # a writable copy, also of read-only wire buffers
-    if (req.scale, req.shift) != (card.scaling_factor, card.shift_factor):
-        # Unscale with the request's factors, rescale with the model's: the engine inverts those.
-        shift = np.float32(req.shift - card.shift_factor)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-            z = (z / np.float32(req.scale) + shift) * np.float32(card.scaling_factor)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        z = np.asarray(req.scaling.invert(z))
     if not np.isfinite(z).all():  # checked here so that one bad request never spoils a batch
-        raise RequestError("latents contain NaN or infinity (after scaling)")
+        raise RejectedRequestError("latents contain NaN or infinity (after scaling)")
     return z
 
 
@@ -342,8 +335,7 @@ class EncodeRequest:
     shape: tuple[int, ...] | None
     """None: the body is an encoded image."""
     dtype: DTypeName | None
-    scale: float
-    shift: float
+    scaling: Scaling
     sample: bool
     seed: int | None
     output_dtype: DTypeName | None
@@ -357,8 +349,7 @@ def encode_request(query: Query, card: ModelCard) -> EncodeRequest:
     return EncodeRequest(
         shape=get_shape(query) if tensor else None,
         dtype=get_dtype(query) if tensor else None,
-        scale=(scaling := _scaling(query, card))[0],
-        shift=scaling[1],
+        scaling=_scaling(query, card),
         sample=get_bool(query, "sample", False),
         seed=get_int(query, "seed", minimum=0),
         output_dtype=get_str(query, "output_dtype", FLOAT_DTYPES) if output_dtype else None,  # type: ignore[arg-type]
@@ -372,7 +363,9 @@ def _fit(pixels: np.ndarray, req: EncodeRequest, f: int) -> np.ndarray:
     if h % f == 0 and w % f == 0:
         return pixels
     if req.fit == "none" or h < f or w < f:
-        raise RequestError(f"image size {w}x{h} must be a multiple of {f} (at least {f}x{f})")
+        raise RejectedRequestError(
+            f"image size {w}x{h} must be a multiple of {f} (at least {f}x{f})"
+        )
     return image.fit_to_multiple(pixels, f, req.fit)
 
 
@@ -380,23 +373,27 @@ def _image_tensor(body: bytes, req: EncodeRequest, f: int, limits: Limits) -> np
     shape, dtype = req.shape or (), req.dtype or "float32"
     if dtype == "uint8":
         if len(shape) not in (3, 4) or shape[-1] != 3:
-            raise RequestError(f"uint8 images must be HWC or NHWC RGB, got shape {list(shape)}")
+            raise RejectedRequestError(
+                f"uint8 images must be HWC or NHWC RGB, got shape {list(shape)}"
+            )
         batch, height, width = (1, *shape[:2]) if len(shape) == 3 else shape[:3]
     else:
         if len(shape) not in (3, 4) or shape[-3] != 3:
-            raise RequestError(f"float images must be CHW or NCHW RGB, got shape {list(shape)}")
+            raise RejectedRequestError(
+                f"float images must be CHW or NCHW RGB, got shape {list(shape)}"
+            )
         batch, height, width = (1, *shape[1:]) if len(shape) == 3 else (shape[0], *shape[2:])
     if 0 in shape:
-        raise RequestError(f"empty image tensor, shape {list(shape)}")
+        raise RejectedRequestError(f"empty image tensor, shape {list(shape)}")
     _check_size(batch, height, width, limits)
     if height % f or width % f:
-        raise RequestError(f"image size {width}x{height} must be a multiple of {f}")
+        raise RejectedRequestError(f"image size {width}x{height} must be a multiple of {f}")
     array = wire.from_wire(body, shape, dtype)
     if dtype == "uint8":
         return processing.preprocess(array)
     x = array.astype(np.float32).reshape(batch, 3, height, width)
     if not np.isfinite(x).all():
-        raise RequestError("image tensor contains NaN or infinity")
+        raise RejectedRequestError("image tensor contains NaN or infinity")
     if req.input_range == "0,1" or (req.input_range == "auto" and x.min() >= 0):
         x = x * 2 - 1  # [0, 1] as torchvision and PIL-to-tensor give it
     return x
@@ -419,12 +416,9 @@ def noise(req: EncodeRequest, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(req.seed).standard_normal(shape, np.float32)
 
 
-def encode_response(latents: np.ndarray, req: EncodeRequest, card: ModelCard) -> TensorResponse:
-    """Engine latents (scaled with the card's factors) rescaled as the request asked."""
-    model = (card.scaling_factor, card.shift_factor)
-    if (req.scale, req.shift) != model:
-        z = latents / np.float32(card.scaling_factor) + np.float32(card.shift_factor)
-        with np.errstate(over="ignore"):  # huge factors give inf, as the caller asked
-            latents = (z - np.float32(req.shift)) * np.float32(req.scale)
+def encode_response(latents: np.ndarray, req: EncodeRequest) -> TensorResponse:
+    """Unscaled engine latents, scaled as the request asked."""
+    with np.errstate(over="ignore"):  # huge factors give inf, as the caller asked
+        latents = req.scaling.apply(latents)
     dtype = req.output_dtype or (req.dtype if req.dtype in FLOAT_DTYPES else "float32")
-    return _tensor(latents, dtype)  # type: ignore[arg-type]
+    return _tensor(latents, dtype)

@@ -2,14 +2,12 @@
 //!
 //! Everything a VAE service needs around the network itself: image codecs, the tensor wire format of
 //! the Hugging Face remote-VAE protocol, image <-> tensor pre/post-processing, latent packing, lossless
-//! tensor compression, safetensors files and (feature `http`, on by default) the HTTP transport of the
-//! remote client. It knows nothing of Python; `vaelink-py` binds it.
+//! tensor compression and safetensors files. It knows nothing of Python (`vaelink-py` binds it) nor of
+//! the network (the HTTP transport is `vaelink-http`).
 
 pub mod compress;
 pub mod dtype;
 pub mod error;
-#[cfg(feature = "http")]
-pub mod http;
 pub mod image_codec;
 pub mod latents_file;
 pub mod packing;

@@ -77,36 +77,6 @@ impl TensorSpec {
         }
         Ok(())
     }
-
-    /// The `shape` response header: a JSON list such as `[1,4,128,128]`.
-    pub fn shape_header(&self) -> String {
-        let dims: Vec<String> = self.shape.iter().map(usize::to_string).collect();
-        format!("[{}]", dims.join(","))
-    }
-}
-
-/// Parses a `shape` header (`[1,4,128,128]`, spaces allowed) into dimensions.
-pub fn parse_shape_header(text: &str) -> Result<Vec<usize>> {
-    let inner = text
-        .trim()
-        .strip_prefix('[')
-        .and_then(|t| t.strip_suffix(']'))
-        .map_or_else(
-            || tensor_err!("shape header {text:?} is not a JSON list"),
-            Ok,
-        )?;
-    if inner.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    inner
-        .split(',')
-        .map(|d| {
-            d.trim().parse::<usize>().map_or_else(
-                |_| tensor_err!("shape header {text:?} has a bad dimension {d:?}"),
-                Ok,
-            )
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -132,16 +102,5 @@ mod tests {
         assert!(TensorSpec::new(&[1 << 31, 1 << 31, 1 << 31], DType::F32).is_err());
         assert!(TensorSpec::from_signed(&[1, -4, 8], DType::F32).is_err());
         assert!(TensorSpec::from_signed(&[1, 4, 8], DType::F32).is_ok());
-    }
-
-    #[test]
-    fn shape_header_round_trip() {
-        let spec = TensorSpec::new(&[2, 3, 4], DType::U8).unwrap();
-        assert_eq!(spec.shape_header(), "[2,3,4]");
-        assert_eq!(parse_shape_header("[2, 3,4]").unwrap(), vec![2, 3, 4]);
-        assert_eq!(parse_shape_header("[]").unwrap(), Vec::<usize>::new());
-        assert!(parse_shape_header("2,3").is_err());
-        assert!(parse_shape_header("[2,-3]").is_err());
-        assert!(parse_shape_header("[2,,3]").is_err());
     }
 }

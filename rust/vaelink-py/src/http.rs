@@ -1,4 +1,4 @@
-//! `HttpClient`: the core's pooled, retrying HTTP client. Requests run with the GIL released; the
+//! `HttpClient`: vaelink-http's pooled, retrying HTTP client. Requests run with the GIL released; the
 //! wait is sliced so that Ctrl-C interrupts it (and cancels the request).
 
 use std::time::Duration;
@@ -7,7 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyDict};
-use vaelink_core::http::{Bytes, Client, ClientConfig, HttpError, Method, Request, RetryPolicy};
+use vaelink_http::{Bytes, Client, ClientConfig, HttpError, Method, Request, RetryPolicy};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HttpClient>()
@@ -120,8 +120,6 @@ impl HttpClient {
         http2_prior_knowledge = false,
         proxy = None,
         proxy_from_env = true,
-        token = None,
-        token_from_env = true,
         pool_idle_timeout = 90.0,
         pool_max_idle_per_host = 32,
         max_response_bytes = 4 << 30,
@@ -143,8 +141,6 @@ impl HttpClient {
         http2_prior_knowledge: bool,
         proxy: Option<String>,
         proxy_from_env: bool,
-        token: Option<String>,
-        token_from_env: bool,
         pool_idle_timeout: f64,
         pool_max_idle_per_host: usize,
         max_response_bytes: u64,
@@ -166,8 +162,6 @@ impl HttpClient {
             proxy,
             proxy_from_env,
             user_agent: user_agent.unwrap_or(defaults.user_agent),
-            token,
-            token_from_env,
             retry: RetryPolicy {
                 max_retries: retries,
                 initial_backoff: seconds("backoff", backoff)?,
@@ -189,7 +183,7 @@ impl HttpClient {
 
     /// Sends one request; returns `(status, headers, body)` for a 2xx answer (header names lower
     /// case, repeated ones joined with ", "; the body a `bytearray`), raises `vaelink.errors.Remote*`
-    /// otherwise. `token` overrides the client's for this request.
+    /// otherwise. `token` is sent as `Authorization: Bearer <token>`.
     #[pyo3(signature = (method, url, query = Vec::new(), headers = Vec::new(), body = None, token = None))]
     #[allow(clippy::too_many_arguments)]
     fn request<'py>(

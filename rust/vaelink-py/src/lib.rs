@@ -1,5 +1,6 @@
-//! `vaelink._native`: the Python face of `vaelink-core`. Functions here only convert arguments, release
-//! the GIL around the core call and map errors to `vaelink.errors`; the typed API is in `python/vaelink`.
+//! `vaelink._native`: the Python face of `vaelink-core` and `vaelink-http`. Functions here only convert
+//! arguments, release the GIL around the Rust call and map errors to `vaelink.errors`; the typed API is
+//! in `python/vaelink`.
 
 mod arrays;
 mod errors;

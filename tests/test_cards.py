@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from vaelink import cli
-from vaelink.errors import VaelinkError
-from vaelink.registry import ModelCard, UnknownModelError, get_card, list_cards
+from vaelink.cards import ModelCard, get_card, list_cards
+from vaelink.errors import UnknownModelError, VaelinkError
 
 # name: (architecture, latent channels, scaling factor, shift factor, packed latents, repo)
 EXPECTED = {

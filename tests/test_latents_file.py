@@ -1,4 +1,4 @@
-"""vaelink.storage: latents as safetensors files. Round trips, the on-disk format (checked with the
+"""vaelink.latents_file: latents as safetensors files. Round trips, the on-disk format (checked with the
 `safetensors` package when installed, and always by parsing the header by hand), files written by
 other tools, and corrupt files."""
 
@@ -14,7 +14,7 @@ import pytest
 
 import vaelink
 from vaelink import FormatError, TensorError
-from vaelink.storage import latents_from_bytes, latents_to_bytes
+from vaelink.latents_file import latents_from_bytes, latents_to_bytes
 
 ST_DTYPES = {
     np.dtype("<f4"): "F32",

@@ -1,4 +1,5 @@
-"""Where exported models live, and their manifests.
+"""Where exported models live, their manifests, and the one resolver from a model name or folder to
+its card and export (`resolve_model`).
 
 An export is a folder holding ONNX graphs (`encoder-<variant>.onnx`, `decoder-<variant>.onnx`) and a
 `manifest.json` that records the model's constants, where it came from, the exporter's versions and a
@@ -16,31 +17,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VaelinkError
-from .registry import ModelCard
+from .cards import ModelCard, get_card
+from .errors import CorruptExportError, ModelNotExportedError, VaelinkError
 
 __all__ = [
     "MANIFEST",
-    "CorruptExportError",
     "Manifest",
-    "ModelNotExportedError",
+    "Model",
+    "ModelLike",
     "cache_dir",
     "export_dir",
     "find_export",
     "read_manifest",
+    "resolve_model",
     "sha256_file",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class ModelNotExportedError(VaelinkError, FileNotFoundError):
-    """The model has a card but no export on this machine."""
-
-
-class CorruptExportError(VaelinkError, ValueError):
-    """An export whose files are missing, changed or not what the manifest says."""
+BUNDLED_DIR = Path(__file__).parent / "models"
 
 
 def cache_dir() -> Path:
@@ -124,16 +119,55 @@ def _verify_file(path: Path, size: int, digest: str) -> None:
         )
 
 
-def find_export(name: str) -> Path:
-    """The folder of `name`'s export: the bundled model, or one under the cache directory."""
-    from .registry import get_card
-
-    candidates = [Path(__file__).parent / "models" / name, export_dir(name)]
-    for folder in candidates:
+def _find_folder(name: str) -> Path | None:
+    for folder in (BUNDLED_DIR / name, export_dir(name)):
         if (folder / MANIFEST).is_file():
             return folder
-    card = get_card(name)  # an unknown name gets the list of known ones
-    raise ModelNotExportedError(
+    return None
+
+
+def _not_exported(card: ModelCard) -> ModelNotExportedError:
+    return ModelNotExportedError(
         f"model {card.name!r} is not exported on this machine; run `vaelink export {card.name}` "
         f"(needs `pip install 'vaelink[export]'` and access to {card.repo or 'its weights'})"
     )
+
+
+def find_export(name: str) -> Path:
+    """The folder of `name`'s export: the bundled model, or one under the cache directory."""
+    card = get_card(name)  # an unknown name gets the list of known ones
+    folder = _find_folder(name)
+    if folder is None:
+        raise _not_exported(card)
+    return folder
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model as vaelink knows it: its card and, when it is exported on this machine, the
+    export's folder (a remote endpoint needs only the card)."""
+
+    card: ModelCard
+    folder: Path | None
+
+    def export_folder(self) -> Path:
+        """The export's folder; `ModelNotExportedError` (naming the command) when there is none."""
+        if self.folder is None:
+            raise _not_exported(self.card)
+        return self.folder
+
+
+ModelLike = str | os.PathLike[str] | Model
+"""A card name (`vaelink models`), an export folder, or a resolved `Model`."""
+
+
+def resolve_model(model: ModelLike) -> Model:
+    """The one meaning of a model argument: an existing folder is an export (its card from its
+    manifest); anything else is a card name (its export bundled or in the cache, if any)."""
+    if isinstance(model, Model):
+        return model
+    folder = Path(model)
+    if folder.is_dir():
+        return Model(read_manifest(folder, verify=False).card, folder)
+    name = os.fspath(model)
+    return Model(get_card(name), _find_folder(name))

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from vaelink.errors import VaelinkError
-from vaelink.registry import UnknownModelError, get_card
-from vaelink.store import (
-    MANIFEST,
+from vaelink.cards import get_card
+from vaelink.errors import (
     CorruptExportError,
-    Manifest,
     ModelNotExportedError,
+    UnknownModelError,
+    VaelinkError,
+)
+from vaelink.exports import (
+    MANIFEST,
+    Manifest,
     cache_dir,
     export_dir,
     find_export,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _native
-from .dtypes import dtype_name, numpy_dtype, to_bits
+from .dtypes import dtype_name, little_endian, numpy_dtype, to_bits
 
 __all__ = ["latents_from_bytes", "latents_to_bytes", "load_latents", "save_latents"]
 
@@ -21,12 +21,9 @@ def latents_to_bytes(tensors: Tensors, metadata: Mapping[str, str] | None = None
     """Serialises named tensors (float16, bfloat16, float32, uint8) and metadata to safetensors."""
     entries = []
     for name, tensor in tensors.items():
-        array = np.asarray(tensor)
-        wire_name = dtype_name(array.dtype)
-        shape = list(array.shape)  # before `ascontiguousarray`, which makes a 0-d array 1-d
-        array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        array = little_endian(np.asarray(tensor))
         raw = to_bits(array).reshape(-1).view(np.uint8)
-        entries.append((name, raw, shape, wire_name))
+        entries.append((name, raw, list(array.shape), dtype_name(array.dtype)))
     return _native.serialize_safetensors(entries, dict(metadata) if metadata else None)
 
 
