@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vaelink import cli
-from vaelink.cards import ModelCard, get_card, list_cards
+from vaelink.cards import IDENTITY, ModelCard, Scaling, get_card, list_cards
 from vaelink.errors import UnknownModelError, VaelinkError
 
 # name: (architecture, latent channels, scaling factor, shift factor, packed latents, repo)
@@ -98,3 +99,22 @@ def test_models_command_lists_the_cards(
         assert int(channels) == EXPECTED[name][1]
         assert exported == "-"
         assert " ".join(description) == get_card(name).description
+
+
+# -- Scaling: one definition of the latent normalisation --------------------------------------------
+
+
+def test_scaling_applies_and_inverts_the_cards_factors() -> None:
+    card = get_card("flux1")
+    z = np.random.default_rng(0).standard_normal((1, 16, 4, 4)).astype(np.float32)
+    latents = card.scaling.apply(z)
+    assert latents.dtype == np.float32
+    assert np.array_equal(latents, (z - np.float32(0.1159)) * np.float32(0.3611))
+    assert np.allclose(card.scaling.invert(latents), z, rtol=1e-6, atol=1e-6)
+
+
+def test_the_identity_scaling_returns_its_input() -> None:
+    z = np.ones((1, 4, 2, 2), np.float32)
+    assert IDENTITY.is_identity and IDENTITY.apply(z) is z and IDENTITY.invert(z) is z
+    assert get_card("taesd").scaling == IDENTITY
+    assert not Scaling(0.13025).is_identity

@@ -19,10 +19,12 @@ from vaelink.errors import (
 from vaelink.exports import (
     MANIFEST,
     Manifest,
+    Model,
     cache_dir,
     export_dir,
     find_export,
     read_manifest,
+    resolve_model,
     sha256_file,
 )
 
@@ -197,3 +199,35 @@ def test_find_export_unknown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
     with pytest.raises(UnknownModelError, match=r"known models: .*sd15"):
         find_export("sd9")
+
+
+# -- resolve_model: the one meaning of a model argument -------------------------------------------
+
+
+def test_a_name_resolves_to_its_card_and_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    assert resolve_model("sdxl") == Model(get_card("sdxl"), None), "a card, not exported here"
+    folder = make_export(tmp_path / "exports" / "sdxl", "sdxl")
+    model = resolve_model("sdxl")
+    assert model == Model(get_card("sdxl"), folder) and model.export_folder() == folder
+    assert resolve_model(model) is model
+
+
+def test_a_folder_resolves_to_its_manifests_card(tmp_path: Path) -> None:
+    folder = make_export(tmp_path / "anywhere", "flux1")
+    for given in (folder, str(folder)):
+        assert resolve_model(given) == Model(get_card("flux1"), folder)
+
+
+def test_the_bundled_model_resolves_offline(no_env: Path) -> None:
+    model = resolve_model("vaelink-tiny")
+    assert model.card == get_card("vaelink-tiny") and model.folder is not None
+    assert read_manifest(model.export_folder()).card == model.card
+
+
+def test_a_missing_export_is_named_only_when_it_is_needed(no_env: Path) -> None:
+    model = resolve_model("sd3")  # fine for a remote endpoint: only the card is needed
+    with pytest.raises(ModelNotExportedError, match="`vaelink export sd3`"):
+        model.export_folder()
+    with pytest.raises(UnknownModelError):
+        resolve_model("no-such-model")
