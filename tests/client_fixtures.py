@@ -4,9 +4,12 @@ responses and records what it was sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import socketserver
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,3 +132,88 @@ class FakeEndpoint:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawEndpoint:
+    """A loopback server for hostile behaviour: each POST is read whole, then `respond(wfile)`
+    writes whatever raw HTTP it likes (a trickle, an endless body); GETs get a 404 JSON error.
+    `posts` counts the POSTs; `written` adds up the body bytes `respond` reports having sent."""
+
+    def __init__(self, respond: Callable[[Any], int | None]) -> None:
+        fake = self
+        self.posts = 0
+        self.written = 0
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                head = self.rfile.readline()
+                length = 0
+                while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                self.rfile.read(length)
+                if head.startswith(b"GET"):
+                    status, headers, body = json_error(404, "not found")
+                    lines = [f"HTTP/1.1 {status} X", *(f"{k}: {v}" for k, v in headers.items())]
+                    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+                    self.wfile.write("\r\n".join(lines).encode() + body)
+                    return
+                fake.posts += 1
+                with contextlib.suppress(OSError):  # the client went away
+                    fake.written += respond(self.wfile) or 0
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def __enter__(self) -> RawEndpoint:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def trickle(shape: list[int], dtype: str, interval: float = 0.2) -> Callable[[Any], int]:
+    """A valid tensor answer's head, then its body one byte every `interval` seconds."""
+
+    def respond(wfile: Any) -> int:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        head = (
+            f"HTTP/1.1 200 OK\r\nshape: {json.dumps(shape)}\r\ndtype: {dtype}\r\n"
+            f"Content-Length: {size}\r\n\r\n"
+        )
+        wfile.write(head.encode())
+        for _ in range(size):
+            wfile.write(b"\x00")
+            wfile.flush()
+            time.sleep(interval)
+        return size
+
+    return respond
+
+
+def endless(total: int = 1 << 30, declared: bool = False) -> Callable[[Any], int]:
+    """A 200 "tensor" answer of `total` bytes: its length declared, or undeclared (until the
+    connection closes); returns what was written before the client hung up."""
+
+    def respond(wfile: Any) -> int:
+        length = f"Content-Length: {total}\r\n" if declared else "Connection: close\r\n"
+        wfile.write(f"HTTP/1.1 200 OK\r\nshape: [1]\r\ndtype: uint8\r\n{length}\r\n".encode())
+        chunk = bytes(1 << 20)
+        sent = 0
+        try:
+            while sent < total:
+                wfile.write(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        return sent
+
+    return respond

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import uvicorn
 from diffusers import AutoencoderKL
 
 from vaelink.cards import ModelCard, get_card
 from vaelink.engine import Engine
 from vaelink.export import export_vae
+from vaelink.server.runner import make_server
 
 SEED = 5
 
@@ -61,6 +61,7 @@ class SlowEngine:
         self.card = engine.card
         self.provider = engine.provider
         self.dtype = engine.dtype
+        self.planned_bytes = engine.planned_bytes
         self.calls = 0
 
     def decode(self, *args: Any, **kwargs: Any) -> Any:
@@ -75,15 +76,15 @@ class SlowEngine:
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a daemon thread."""
+    """uvicorn serving `app` on 127.0.0.1 at a free port, in a daemon thread, configured as
+    `vaelink serve` configures it."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, graceful_timeout: float | None = 30.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = make_server(app, log_level="warning", graceful_timeout=graceful_timeout)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

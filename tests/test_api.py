@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,9 +20,12 @@ import requests
 import torch
 from client_fixtures import (
     FakeEndpoint,
+    RawEndpoint,
     closed_port_url,
+    endless,
     json_error,
     tensor_answer,
+    trickle,
 )
 from engine_fixtures import one_torch_thread
 from PIL import Image
@@ -425,6 +432,210 @@ def test_environment_tokens_go_over_https_or_to_this_machine(url, allowed, monke
     assert environment_token(url) == ("from-env" if allowed else None)
     monkeypatch.setenv("VAELINK_TOKEN", "first")
     assert environment_token(url) == ("first" if allowed else None)
+
+
+# -- hostile servers ---------------------------------------------------------------------------
+
+DECODED = [1, 64, 48, 3]
+"""What `latents(n)` decode to: uint8 pixels."""
+
+
+def test_timeout_bounds_the_whole_call_against_a_trickling_server(sdxl):
+    """One byte every 0.2 s never trips the read timeout; `timeout` ends the call, batch pieces
+    and all (three requests in flight, then retries that would not fit are not started)."""
+    with RawEndpoint(trickle(DECODED, "uint8")) as slow:
+        vae = vaelink.VAE(sdxl.folder, slow.url, timeout=1.0, read_timeout=5.0, fast_path=False)
+        start = time.monotonic()
+        with pytest.raises(vaelink.RemoteTimeoutError) as info:
+            vae.decode(latents(30, (3, 4, 8, 6)))
+        elapsed = time.monotonic() - start
+    assert 0.9 < elapsed < 2.0, elapsed
+    assert info.value.attempts == 1
+    assert slow.posts == 3
+
+
+def test_no_retry_is_waited_for_past_the_timeout(sdxl):
+    with FakeEndpoint([json_error(503, "busy", **{"Retry-After": "5"})]) as busy:
+        vae = vaelink.VAE(sdxl.folder, busy.url, timeout=2.0)
+        start = time.monotonic()
+        with pytest.raises(vaelink.RemoteUnavailableError) as info:
+            vae.decode(latents(31))
+        assert time.monotonic() - start < 1.5
+    assert info.value.retry_after == 5.0 and len(busy.posts) == 1
+
+
+def test_a_fallback_list_shares_one_deadline_and_the_local_engine_is_not_cut(sdxl, local):
+    z = latents(32)
+    with RawEndpoint(trickle(DECODED, "uint8")) as slow, FakeEndpoint([]) as unused:
+        vae = vaelink.VAE(sdxl.folder, [slow.url, unused.url, "local"], timeout=0.8)
+        start = time.monotonic()
+        assert equal(vae.decode(z), local.decode(z))
+        assert time.monotonic() - start < 3.0
+        # The second endpoint was reached with no time left: not asked, and not held against it.
+        assert unused.seen == []
+        assert vae._ordered_targets() == [unused.url, "local", slow.url]
+
+
+def test_a_huge_answer_is_refused_early_and_not_retried(sdxl, local):
+    z = latents(33)
+    for declared in (False, True):
+        with RawEndpoint(endless(1 << 30, declared)) as huge:
+            vae = vaelink.VAE(sdxl.folder, huge.url, fast_path=False)
+            start = time.monotonic()
+            with pytest.raises(vaelink.RemoteResponseError, match="exceeds") as info:
+                vae.decode(z)
+            assert time.monotonic() - start < 5
+            assert huge.posts == 1
+            fallback = vaelink.VAE(sdxl.folder, [huge.url, "local"])
+            assert equal(fallback.decode(z), local.decode(z))
+        # The cap is what a [1, 64, 48, 3] uint8 answer can be, plus room for a JSON error.
+        assert info.value.message == f"the response exceeds {64 * 48 * 3 + (1 << 16)} bytes"
+        assert huge.written < 64 << 20, "the client stopped reading"
+
+
+_MEMORY_PROBE = """
+import json, sys, time
+sys.path.insert(0, {tests!r})
+import numpy as np
+import vaelink
+from client_fixtures import RawEndpoint, endless
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+results = {{}}
+z = np.zeros((1, 16, 8, 8), np.float32)
+for declared in (False, True):
+    with RawEndpoint(endless(1 << 30, declared)) as huge:
+        vae = vaelink.VAE("vaelink-tiny", huge.url, fast_path=False)
+        try:
+            vae.decode(z)  # warm up: the client, its threads, the pool
+        except vaelink.RemoteResponseError:
+            pass
+        before = peak()
+        start = time.monotonic()
+        try:
+            vae.decode(z)
+        except vaelink.RemoteResponseError as error:
+            message = str(error)
+        results["declared" if declared else "undeclared"] = {{
+            "growth": peak() - before, "seconds": time.monotonic() - start,
+            "server_wrote": huge.written, "error": message,
+        }}
+print(json.dumps(results))
+"""
+
+
+def test_client_memory_against_a_server_streaming_1_gib():
+    """A decode of a small latent against a server that streams 1 GiB (length declared, or not):
+    the client's peak RSS grows by far less than the stream (measured in a fresh process)."""
+    script = _MEMORY_PROBE.format(tests=str(Path(__file__).parent))
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for kind, result in results.items():
+        assert result["growth"] < 64 << 20, (kind, result)
+        assert "exceeds" in result["error"], (kind, result)
+        assert result["server_wrote"] < 64 << 20, (kind, result)
+
+
+BAD_ANSWERS = {
+    "an HTML page": (200, {"Content-Type": "text/html"}, b"<html>Please log in</html>"),
+    "a body shorter than its shape": (200, {"shape": str(DECODED), "dtype": "uint8"}, b"\0" * 99),
+    "a wrong shape": tensor_answer(np.zeros((1, 32, 24, 3), np.uint8)),
+    "a wrong dtype": tensor_answer(np.zeros(DECODED, np.float32)),
+    "a shape header that is no list": (200, {"shape": "1,64,48,3", "dtype": "uint8"}, b""),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ANSWERS))
+def test_a_200_that_is_no_valid_answer_fails_over(kind, sdxl, local):
+    z = latents(34)
+    with FakeEndpoint([BAD_ANSWERS[kind]]) as bad:
+        with pytest.raises(vaelink.RemoteResponseError) as info:
+            vaelink.VAE(sdxl.folder, bad.url).decode(z)
+        assert isinstance(info.value, vaelink.RemoteError) and info.value.url == bad.url
+        vae = vaelink.VAE(sdxl.folder, [bad.url, "local"])
+        assert equal(vae.decode(z), local.decode(z))
+        assert len(bad.posts) == 2, "not retried"
+        assert vae._ordered_targets() == [bad.url, "local"], "no cooldown"
+
+
+def test_encode_answers_are_checked_too(sdxl, photos, local):
+    image = photo(photos)
+    wrong = [tensor_answer(np.zeros((1, 4, 8, 8), np.float32)), BAD_ANSWERS["an HTML page"]]
+    for answer in [*wrong, tensor_answer(np.zeros((1, 4, 8, 6), np.uint8))]:
+        with FakeEndpoint([answer]) as bad:
+            with pytest.raises(vaelink.RemoteResponseError):
+                vaelink.VAE(sdxl.folder, bad.url).encode(image)
+            vae = vaelink.VAE(sdxl.folder, [bad.url, "local"])
+            assert equal(vae.encode(image), local.encode(image))
+
+
+def test_every_endpoint_answering_garbage_raises_the_last_with_the_others_noted(sdxl):
+    html = BAD_ANSWERS["an HTML page"]
+    with FakeEndpoint([html]) as first, FakeEndpoint([BAD_ANSWERS["a wrong shape"]]) as second:
+        vae = vaelink.VAE(sdxl.folder, [first.url, second.url])
+        with pytest.raises(vaelink.RemoteResponseError, match="expected") as info:
+            vae.decode(latents(35))
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1 and "text/html" in notes[0]
+
+
+def test_a_redirect_loop_is_reported_as_such_and_not_retried(sdxl, local):
+    z = latents(36)
+    with FakeEndpoint([(307, {"Location": "/"}, b"")]) as loop:
+        with pytest.raises(vaelink.RemoteRedirectError, match="too many redirects") as info:
+            vaelink.VAE(sdxl.folder, loop.url, client=FAST).decode(z)
+        assert info.value.url == loop.url and len(loop.posts) == 6  # one request, 5 redirects
+        vae = vaelink.VAE(sdxl.folder, [loop.url, "local"], client=FAST)
+        assert equal(vae.decode(z), local.decode(z))
+        assert vae._ordered_targets() == [loop.url, "local"], "no cooldown"
+
+
+# -- tokens in a fallback list ------------------------------------------------------------------
+
+
+def _auth_seen(*fakes: FakeEndpoint) -> list[str | None]:
+    return [fake.posts[-1].headers.get("authorization") for fake in fakes]
+
+
+def test_each_endpoint_gets_its_own_token(sdxl, monkeypatch):
+    monkeypatch.delenv("VAELINK_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "from-env")
+    z = latents(37)
+    answer = tensor_answer(np.zeros(DECODED, np.uint8))
+    failing = json_error(500, "no")
+    with FakeEndpoint([failing]) as a, FakeEndpoint([failing]) as b, FakeEndpoint([answer]) as c:
+        mapping = {a.url: " token-a\n", b.url.rstrip("/"): "token-b"}
+        vaelink.VAE(sdxl.folder, [a.url, b.url, c.url], token=mapping).decode(z)
+        assert _auth_seen(a, b, c) == ["Bearer token-a", "Bearer token-b", "Bearer from-env"]
+        origin = "http://127.0.0.1:" + c.url.rsplit(":", 1)[1].strip("/")
+        pairs = [(a.url, "pair-a"), b.url, c.url]
+        vaelink.VAE(sdxl.folder, pairs, token={origin: "origin-c", a.url: "x"}).decode(z)
+        assert _auth_seen(a, b, c) == ["Bearer pair-a", "Bearer from-env", "Bearer origin-c"]
+        vaelink.VAE(sdxl.folder, [(a.url, ""), (b.url, None), c.url], token="").decode(z)
+        assert _auth_seen(a, b, c) == [None, "Bearer from-env", None]
+        with pytest.raises(ValueError, match="different origins"):
+            vaelink.VAE(sdxl.folder, [a.url, b.url], token="one-for-all")
+        with pytest.raises(ValueError, match="two different tokens"):
+            vaelink.VAE(sdxl.folder, [(a.url, "1"), (a.url, "2")])
+        with pytest.raises(TypeError, match="pairs"):
+            vaelink.VAE(sdxl.folder, [(a.url, 5)])  # type: ignore[list-item]
+        # One origin, several paths: one token for all is fine; "local" needs none.
+        same = [a.url + "decode", a.url + "predict", "local"]
+        vae = vaelink.VAE(sdxl.folder, same, token="shared")
+        assert {vae.endpoint(u).token for u in same[:2]} == {"shared"}
+        # The one-call functions take a mapping too (kept, hashable, in their cache).
+        vaelink.decode(z, model=sdxl.folder, endpoint=[a.url, c.url], token={c.url: "t"})
+        assert _auth_seen(c) == ["Bearer t"]
 
 
 # -- errors and the client ----------------------------------------------------------------------

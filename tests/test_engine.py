@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from PIL import Image
 
 import vaelink
 from vaelink.engine import Engine, EngineError
-from vaelink.errors import CorruptExportError, ModelNotExportedError, UnknownModelError
+from vaelink.errors import (
+    CorruptExportError,
+    ModelNotExportedError,
+    NonFiniteOutputError,
+    OperationCancelledError,
+    UnknownModelError,
+)
 from vaelink.exports import MANIFEST, sha256_file
 from vaelink.tiling import TileGrid
 
@@ -443,6 +450,31 @@ def test_tiled_encode_and_decode(
 
 
 # -- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [True, False])
+def test_a_set_cancel_event_stops_encode_and_decode(
+    sd15: ef.Exported, images: np.ndarray, tile: bool
+) -> None:
+    engine = sd15.engine(tile_size=32)
+    cancel = threading.Event()
+    latents = engine.encode(images, tile=tile, cancel=cancel)  # not set: runs to the end
+    cancel.set()
+    with pytest.raises(OperationCancelledError):
+        engine.encode(images, tile=tile, cancel=cancel)
+    with pytest.raises(OperationCancelledError):
+        engine.decode(latents, tile=tile, cancel=cancel)
+
+
+def test_finite_latents_that_decode_to_nan_are_refused(sd15: ef.Exported) -> None:
+    """Latents far outside the model's range (3e37) overflow float32 inside the decoder: an error,
+    never a NaN image."""
+    engine = sd15.engine()
+    z = np.full((1, sd15.card.latent_channels, 8, 8), 3e37, np.float32)
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinity"):
+        engine.decode(z, output="float", scaling=vaelink.cards.IDENTITY)
+    with pytest.raises(ValueError):  # a bad-input error, as the others
+        engine.decode(z, scaling=vaelink.cards.IDENTITY)
 
 
 def test_bad_images_are_refused(sd15: ef.Exported, images: np.ndarray) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -178,11 +179,15 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
         self.batches: list[tuple[object, list[int]]] = []
+        self.cancels: list[threading.Event | None] = []
         self.delay = delay
         self.fail = fail
 
-    def __call__(self, key: object, jobs: list[Job]) -> list[np.ndarray]:
+    def __call__(
+        self, key: object, jobs: list[Job], cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
         self.batches.append((key, [int(job.array[0, 0]) for job in jobs]))
+        self.cancels.append(cancel)
         time.sleep(self.delay)
         if self.fail:
             raise ValueError("engine says no")

@@ -5,10 +5,12 @@ untiled result."""
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
 
+from vaelink.errors import OperationCancelledError
 from vaelink.tiling import TileGrid, run_tiled, tile_starts
 
 # (size, tile, overlap, align)
@@ -155,3 +157,18 @@ def test_tile_grid_counts() -> None:
     assert grid.count(64, 64) == 1
     assert grid.out(128) == 16
     assert TileGrid(tile=8, overlap=2, num=8, den=1).out(20) == 160
+
+
+def test_run_tiled_stops_before_the_next_tile_once_cancelled() -> None:
+    cancel = threading.Event()
+    calls = []
+
+    def fn(t: np.ndarray) -> np.ndarray:
+        calls.append(t.shape)
+        if len(calls) == 2:
+            cancel.set()  # from "another thread", between two tiles
+        return t
+
+    with pytest.raises(OperationCancelledError):
+        run_tiled(fn, np.zeros((1, 1, 64, 64), np.float32), TileGrid(16, 4), cancel)
+    assert len(calls) == 2

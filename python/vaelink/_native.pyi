@@ -97,7 +97,14 @@ class HttpClient:
         headers: list[tuple[str, str]] = ...,
         body: bytes | bytearray | None = None,
         token: str | None = None,
+        *,
+        timeout: float | None = None,
+        max_response_bytes: int | None = None,
     ) -> tuple[int, dict[str, str], bytearray]:
         """`(status, headers, body)` of a 2xx answer; raises `vaelink.errors.RemoteError` (and
-        subclasses) for error statuses and transport failures."""
+        subclasses) for error statuses and transport failures. `timeout`: seconds the whole call
+        may take, every attempt and wait included (an attempt still running then is cut,
+        `RemoteTimeoutError`; a retry that would end later is not started). `max_response_bytes`:
+        a lower limit than the client's on this answer's body, checked before it is read
+        (`RemoteResponseError`). A redirect loop is a `RemoteRedirectError`, not retried."""
         ...

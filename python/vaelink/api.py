@@ -16,7 +16,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypedDict, TypeVar, Unpack
 
 from ._native import HttpClient
@@ -45,13 +45,15 @@ from .errors import (
     RemoteUnavailableError,
 )
 from .exports import Model, ModelLike, resolve_model
-from .remote import RemoteBackend, RemoteEndpoint
+from .remote import RemoteBackend, RemoteEndpoint, endpoint_tokens
 
 __all__ = [
     "LOCAL",
     "VAE",
     "DecodeOptions",
     "EncodeOptions",
+    "Endpoints",
+    "Token",
     "VAEOptions",
     "decode",
     "encode",
@@ -62,14 +64,28 @@ LOCAL = "local"
 
 T = TypeVar("T")
 
+Endpoints = str | Sequence[str | tuple[str, str | None]] | None
+"""Where a model runs: None (the local engine), a URL, or a list of URLs, `"local"` and
+`(url, token)` pairs, tried in order."""
+Token = str | Mapping[str, str] | None
+"""A bearer token for the endpoint (or the endpoints of one origin), or one per URL or origin."""
+
 _DOWN = (RemoteConnectionError, RemoteTimeoutError, RemoteUnavailableError)
 """Failures after which an endpoint is tried last for `cooldown` seconds."""
+
+
+def _out_of_time(url: str, timeout: float | None) -> RemoteTimeoutError:
+    """For an endpoint not tried: the call's time was spent before its turn (0 attempts: it is
+    not held against it)."""
+    return RemoteTimeoutError(
+        f"not tried: the call's timeout ({timeout} s) was spent", url=url, attempts=0
+    )
 
 
 class VAEOptions(TypedDict, total=False):
     """`VAE`'s keyword arguments (also taken by the one-call functions)."""
 
-    token: str | None
+    token: Token
     timeout: float | None
     read_timeout: float | None
     connect_timeout: float
@@ -108,16 +124,38 @@ class _DecodeCall(DecodeOptions, VAEOptions, total=False):
     pass
 
 
-def _targets(endpoint: str | Sequence[str] | None) -> tuple[str, ...]:
+def _targets(endpoint: Endpoints) -> tuple[str | tuple[str, str | None], ...]:
+    """The list as given, checked (and hashable)."""
     if endpoint is None:
         return (LOCAL,)
     targets = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
     if not targets:
         raise ValueError("endpoint list is empty; pass None for the local engine")
     for target in targets:
-        if not isinstance(target, str):
-            raise TypeError(f"endpoints are URLs or {LOCAL!r}, got {type(target).__name__}")
+        pair = isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str)
+        if not (isinstance(target, str) or (pair and isinstance(target[1], str | None))):
+            raise TypeError(
+                f"endpoints are URLs, {LOCAL!r} or (url, token) pairs, got {target!r:.80}"
+            )
     return targets
+
+
+def _tokens(
+    targets: Sequence[str | tuple[str, str | None]], token: Token
+) -> tuple[tuple[str, ...], dict[str, str | None]]:
+    """(the targets' names, the token given for each URL: None for none, then the environment's
+    may apply). A `(url, token)` entry's own token comes before `token`."""
+    names = tuple(t if isinstance(t, str) else t[0] for t in targets)
+    urls = [name for name in dict.fromkeys(names) if name != LOCAL]
+    own: dict[str, str | None] = {}
+    for target in targets:
+        if isinstance(target, tuple):
+            url, given = target
+            if own.get(url, given) != given:
+                raise ValueError(f"two different tokens for {url}")
+            own[url] = given
+    tokens = endpoint_tokens([url for url in urls if url not in own], token)
+    return names, tokens | own
 
 
 class VAE:
@@ -126,14 +164,19 @@ class VAE:
 
     - `model`: a card name (`vaelink models`) or an export folder. Remote endpoints get its scaling
       factors explicitly with every request; the local engine loads it when first needed.
-    - `endpoint`: None (local), a URL, or a list of URLs and `"local"`, tried in order. An endpoint
-      that was down (no connection, timeout, 429/503 after the retries) goes to the back of the
-      list for `cooldown` seconds.
-    - `token`: sent as `Authorization: Bearer`; by default `VAELINK_TOKEN` or `HF_TOKEN` is, over
-      HTTPS and to loopback addresses.
-    - `timeout`: seconds one request may take in all; `read_timeout` between two reads of the
-      answer; `connect_timeout`; `retries` (on connection errors, 429 and 503, with exponential
-      backoff and jitter, honouring `Retry-After`).
+    - `endpoint`: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs,
+      tried in order. An endpoint that was down (no connection, timeout, 429/503 after the
+      retries) goes to the back of the list for `cooldown` seconds; one that answered with
+      something that is no valid answer, or redirected in a loop, is skipped for this call only.
+    - `token`: sent as `Authorization: Bearer`, surrounding whitespace stripped (`""`: none). A
+      str goes to every URL of the list, which must share one origin; a mapping
+      `{url or origin: token}` gives each its own; a `(url, token)` entry has its own. URLs given
+      no token get `VAELINK_TOKEN` or `HF_TOKEN`, over HTTPS and to loopback addresses only.
+    - `timeout`: seconds one `encode`/`decode` call may take from its first request: every
+      attempt, retry and wait, all the pieces of a batch and every endpoint of the list share
+      them (the local engine is not cut). `read_timeout`: between two reads of an answer;
+      `connect_timeout`; `retries` (on connection errors, 429 and 503, with exponential backoff
+      and jitter, honouring `Retry-After`; none is started that would end past the deadline).
     - `concurrency`: requests in flight at once when a batch is sent in pieces.
     - `fast_path`: against a vaelink server (it says so at `GET /info`), send raw uint8 pixels and
       whole batches instead of one PNG per request.
@@ -143,9 +186,9 @@ class VAE:
     def __init__(
         self,
         model: ModelLike = DEFAULT_MODEL,
-        endpoint: str | Sequence[str] | None = None,
+        endpoint: Endpoints = None,
         *,
-        token: str | None = None,
+        token: Token = None,
         timeout: float | None = 300.0,
         read_timeout: float | None = None,
         connect_timeout: float = 10.0,
@@ -158,14 +201,15 @@ class VAE:
     ) -> None:
         self.model = resolve_model(model)
         self.card = self.model.card
-        self.targets = _targets(endpoint)
+        self.targets, self._tokens = _tokens(_targets(endpoint), token)
         self.token = token
+        self.timeout = timeout
         self.concurrency = max(1, concurrency)
         self.fast_path = fast_path
         self.cooldown = cooldown
         self.provider = provider
         self._client = client
-        self._timeouts = (timeout, read_timeout, connect_timeout)
+        self._timeouts = (read_timeout, connect_timeout)
         self._retries = retries
         self._engine: Engine | None = None
         self._remotes: dict[str, RemoteBackend] = {}
@@ -191,14 +235,17 @@ class VAE:
         with self._lock:
             if url not in self._remotes:
                 if self._client is None:
-                    timeout, read_timeout, connect_timeout = self._timeouts
-                    self._client = HttpClient(
-                        timeout=timeout,
+                    read_timeout, connect_timeout = self._timeouts
+                    self._client = HttpClient(  # `timeout` is a deadline per call, not here
+                        timeout=None,
                         read_timeout=read_timeout,
                         connect_timeout=connect_timeout,
                         retries=self._retries,
                     )
-                endpoint = RemoteEndpoint(url, self._client, self.token)
+                token = self._tokens.get(url)
+                if url not in self._tokens and isinstance(self.token, Mapping):
+                    token = endpoint_tokens([url], self.token)[url]  # a URL off the list
+                endpoint = RemoteEndpoint(url, self._client, token)
                 self._remotes[url] = RemoteBackend(
                     endpoint, self.card, fast_path=self.fast_path, concurrency=self.concurrency
                 )
@@ -231,17 +278,23 @@ class VAE:
         up = [t for t in self.targets if self._down_until.get(t, 0.0) <= now]
         return up + [t for t in self.targets if t not in up]
 
-    def _first_answer(self, run: Callable[[Backend], T]) -> T:
-        """`run` on each target's backend in turn until one succeeds. Failures of an endpoint move
-        on to the next one, except a request the endpoint refused as malformed (400, 422: it would
-        fail everywhere); when every target failed, the last error is raised with the others noted.
-        """
+    def _first_answer(self, run: Callable[[Backend, float | None], T]) -> T:
+        """`run(backend, deadline)` on each target's backend in turn until one succeeds. Failures
+        of an endpoint - no answer, an error status, an answer that is no valid answer - move on to
+        the next one, except a request the endpoint refused as malformed (400, 422: it would fail
+        everywhere); when every target failed, the last error is raised with the others noted.
+
+        Every endpoint gets what is left of one deadline (`timeout` from now); one reached with
+        nothing left fails at once. The local engine is not cut."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         failures: list[tuple[str, RemoteError]] = []
         for target in self._ordered_targets():
             try:
-                result = run(self.backend(target))
+                if target != LOCAL and deadline is not None and time.monotonic() >= deadline:
+                    raise _out_of_time(target, self.timeout)
+                result = run(self.backend(target), deadline)
             except RemoteError as error:
-                if isinstance(error, _DOWN):
+                if isinstance(error, _DOWN) and error.attempts > 0:
                     self._down_until[target] = time.monotonic() + self.cooldown
                 malformed = isinstance(error, RemoteRequestError) and error.status in (400, 422)
                 failures.append((target, error))
@@ -271,7 +324,13 @@ class VAE:
         a sample (`seed` makes it reproducible; the same as the local engine's when the batch goes
         in one request). Sides that are not multiples of 8 are cropped (`fit`)."""
         batch = as_image_batch(images, self.card.spatial_factor, fit)
-        latents = self._first_answer(lambda b: b.encode(batch, sample=sample, seed=seed))
+
+        def run(backend: Backend, deadline: float | None) -> Any:
+            if isinstance(backend, RemoteBackend):
+                return backend.encode(batch, sample=sample, seed=seed, deadline=deadline)
+            return backend.encode(batch, sample=sample, seed=seed)
+
+        latents = self._first_answer(run)
         return encode_output(latents, output, batch.like)
 
     def decode(
@@ -294,7 +353,13 @@ class VAE:
         batch = as_latent_batch(latents, height, width, wire_dtype, self.card.latent_channels)
         kind: DecodeOutput = output or ("torch" if batch.like is not None else "numpy")
         raw: RawOutput = "float" if kind == "float" else "uint8"
-        images = self._first_answer(lambda b: b.decode(batch, output=raw))
+
+        def run(backend: Backend, deadline: float | None) -> Any:
+            if isinstance(backend, RemoteBackend):
+                return backend.decode(batch, output=raw, deadline=deadline)
+            return backend.decode(batch, output=raw)
+
+        images = self._first_answer(run)
         return decode_output(images, kind, batch.like, quality)
 
     async def aencode(self, images: ImageInput, **options: Unpack[EncodeOptions]) -> Any:
@@ -312,17 +377,20 @@ _VAE_KEYS = VAEOptions.__optional_keys__
 
 
 @functools.lru_cache(maxsize=8)
-def _shared_vae(model: ModelLike, targets: tuple[str, ...], options: tuple[Any, ...]) -> VAE:
-    return VAE(model, targets, **dict(options))
-
-
-def shared_vae(
-    model: ModelLike, endpoint: str | Sequence[str] | None, options: VAEOptions | dict[str, Any]
+def _shared_vae(
+    model: ModelLike, targets: tuple[str | tuple[str, str | None], ...], options: tuple[Any, ...]
 ) -> VAE:
+    unfrozen: dict[str, Any] = {k: dict(v) if isinstance(v, frozenset) else v for k, v in options}
+    return VAE(model, targets, **unfrozen)
+
+
+def shared_vae(model: ModelLike, endpoint: Endpoints, options: VAEOptions | dict[str, Any]) -> VAE:
     """A `VAE` kept for the one-call functions, so that repeated calls reuse sessions and
     connections (the 8 most recently used configurations are kept)."""
     key = model if isinstance(model, Model) else os.fspath(model)
-    return _shared_vae(key, _targets(endpoint), tuple(sorted(options.items())))
+    # A token mapping, hashable for the cache key.
+    frozen = {k: frozenset(v.items()) if isinstance(v, Mapping) else v for k, v in options.items()}
+    return _shared_vae(key, _targets(endpoint), tuple(sorted(frozen.items())))
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -334,7 +402,7 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 def encode(
     images: ImageInput,
     model: ModelLike = DEFAULT_MODEL,
-    endpoint: str | Sequence[str] | None = None,
+    endpoint: Endpoints = None,
     **options: Unpack[_EncodeCall],
 ) -> Any:
     """Images -> scaled latents with `model`, locally (no endpoint), on an endpoint, or on the first
@@ -346,7 +414,7 @@ def encode(
 def decode(
     latents: LatentInput,
     model: ModelLike = DEFAULT_MODEL,
-    endpoint: str | Sequence[str] | None = None,
+    endpoint: Endpoints = None,
     **options: Unpack[_DecodeCall],
 ) -> Any:
     """Scaled latents -> images with `model`, locally or remotely as for `encode`. Takes `VAE`'s

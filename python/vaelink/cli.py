@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     """Serves models over the Hugging Face remote-VAE protocol until interrupted."""
     import importlib.util
 
-    from .server import Batching, Limits
+    from .server import Batching, Guards, Limits
     from .server import serve as run_server
 
     for package in ("starlette", "uvicorn", "prometheus_client"):
@@ -82,6 +82,16 @@ def serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         tile_above_pixels=args.tile_above_pixels,
         max_batch=args.max_request_batch,
+        max_request_pixels=int(args.max_request_megapixels * 1e6),
+    )
+    guards = Guards(
+        max_inflight_bytes=int(args.max_inflight_mb * (1 << 20)) if args.max_inflight_mb else None,
+        max_queued_pixels=int(args.max_queued_megapixels * 1e6),
+        body_timeout=args.body_timeout,
+        request_timeout=args.request_timeout or None,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        keep_alive=args.keep_alive,
     )
     batching = Batching(
         enabled=not args.no_batching,
@@ -89,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
     )
-    token = args.token or os.environ.get("VAELINK_TOKEN") or None
+    token = _serve_token(args)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"vaelink: warning: serving on {args.host} without a token", file=sys.stderr)
     run_server(
@@ -100,11 +110,40 @@ def serve(args: argparse.Namespace) -> int:
         token=token,
         limits=limits,
         batching=batching,
+        guards=guards,
         warmup=not args.no_warmup,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
     )
     return 0
+
+
+def _serve_token(args: argparse.Namespace) -> str | None:
+    """--token-file, else --token (visible to every user in `ps`: warned), else VAELINK_TOKEN;
+    surrounding whitespace (a file's newline) is not part of it."""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"vaelink: cannot read --token-file: {e}") from None
+        if not token:
+            raise SystemExit(f"vaelink: --token-file {args.token_file} is empty")
+        return token
+    if args.token:
+        print(
+            "vaelink: warning: --token is visible to every user of this machine (ps); "
+            "use --token-file or VAELINK_TOKEN",
+            file=sys.stderr,
+        )
+        return args.token.strip() or None
+    return os.environ.get("VAELINK_TOKEN", "").strip() or None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -116,9 +155,9 @@ def _positive(text: str) -> int:
 
 def _add_serve(commands: Subcommands) -> None:
     # Plain dataclasses: no serve dependency is imported to build the parser.
-    from .server import Batching, Limits
+    from .server import Batching, Guards, Limits
 
-    d, b = Limits(), Batching()
+    d, b, g = Limits(), Batching(), Guards()
     p = commands.add_parser(
         "serve", help="serve models over the Hugging Face remote-VAE protocol (needs [serve])"
     )
@@ -131,7 +170,13 @@ def _add_serve(commands: Subcommands) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8000)
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or set VAELINK_TOKEN)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="require `Authorization: Bearer TOKEN`, the token read from PATH (or set VAELINK_TOKEN)",
+    )
+    token.add_argument("--token", help="the token itself: visible in `ps`, prefer --token-file")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20))
     p.add_argument("--max-pixels", type=_positive, default=d.max_pixels, help="per image")
     p.add_argument(
@@ -151,6 +196,51 @@ def _add_serve(commands: Subcommands) -> None:
         "--max-queue", type=_positive, default=b.max_queue, help="waiting requests; then 503"
     )
     p.add_argument("--no-batching", action="store_true", help="one request per engine call")
+    p.add_argument(
+        "--max-request-megapixels",
+        type=_positive_float,
+        default=d.max_request_pixels / 1e6,
+        help="pixels of all images of one request (413 beyond)",
+    )
+    p.add_argument(
+        "--max-queued-megapixels",
+        type=_positive_float,
+        default=g.max_queued_pixels / 1e6,
+        help="work queued or running per model (503 beyond)",
+    )
+    p.add_argument(
+        "--max-inflight-mb",
+        type=_positive_float,
+        help="bodies, arrays and engine memory held at once (503 beyond; default: half the "
+        "available RAM)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=g.body_timeout,
+        help="seconds without body data before 408",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=g.request_timeout,
+        help="seconds from arrival to answer before 504, work dropped (0: none)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=g.header_timeout,
+        help="seconds for a request's headers before the connection is closed",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=g.max_connections,
+        help="open connections; requests beyond are answered 503",
+    )
+    p.add_argument(
+        "--keep-alive", type=_positive, default=g.keep_alive, help="idle seconds per connection"
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up encode/decode")
     p.add_argument(
         "--graceful-timeout",
@@ -172,14 +262,17 @@ LATENTS_FORMAT = "vaelink-latents/1"
 def _vae(args: argparse.Namespace, model: str) -> Any:
     from .api import VAE
 
-    vae = VAE(
-        model,
-        args.endpoint or None,
-        token=args.token,
-        timeout=args.timeout,
-        retries=args.retries,
-        provider=args.provider,
-    )
+    try:
+        vae = VAE(
+            model,
+            args.endpoint or None,
+            token=args.token,
+            timeout=args.timeout,
+            retries=args.retries,
+            provider=args.provider,
+        )
+    except (TypeError, ValueError) as error:  # endpoints and tokens that do not fit together
+        raise SystemExit(f"vaelink: error: {error}") from None
     if vae.targets == ("local",):
         vae.engine  # noqa: B018 - load the model now: a missing model is one error, not one per file
     return vae
@@ -357,7 +450,12 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
         "(default: the local engine)",
     )
     p.add_argument("--token", help="bearer token (default: VAELINK_TOKEN or HF_TOKEN)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds one image may take in all (retries and fallbacks included)",
+    )
     p.add_argument("--retries", type=int, default=3, help="on connection errors, 429 and 503")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("-j", "--jobs", type=int, help="images in flight (default: 4 remote, 1 local)")

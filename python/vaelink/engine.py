@@ -5,6 +5,7 @@ No torch at run time; torch tensors are accepted and returned when given (bound 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from .batches import (
     as_latent_batch,
 )
 from .cards import DEFAULT_MODEL, ModelCard, Scaling
-from .errors import CorruptExportError, EngineError, TensorError
+from .errors import CorruptExportError, EngineError, NonFiniteOutputError, TensorError
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, torch
-from .tiling import TileGrid, run_tiled
+from .tiling import TileGrid, check_cancelled, run_tiled
 
 __all__ = ["Engine", "MemoryModel", "Provider"]
 
@@ -45,7 +46,7 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of RAM available now (Linux), else a conservative 4 GiB."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -161,11 +162,19 @@ class Engine:
 
     def _run_graph(self, part: str, x: Any) -> Any:
         """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
-        numpy arrays go through `session.run`; torch tensors stay on their device (IO binding)."""
+        numpy arrays go through `session.run`; torch tensors stay on their device (IO binding).
+        What is still non-finite then is refused: NaN images or latents are never an answer."""
         run = self._run_bound if is_torch(x) else self._run_session
         result = run(part, x, self.dtype)
-        if self.dtype != "float32" and not bool(array_namespace(result).isfinite(result).all()):
+        finite = bool(array_namespace(result).isfinite(result).all())
+        if not finite and self.dtype != "float32":
             result = run(part, x, "float32")
+            finite = bool(array_namespace(result).isfinite(result).all())
+        if not finite:
+            what = "latents far outside the model's range?" if part == "decoder" else "images"
+            raise NonFiniteOutputError(
+                f"{self.card.name} {part} output contains NaN or infinity for finite input ({what})"
+            )
         return result
 
     def _out_shape(self, part: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -212,7 +221,7 @@ class Engine:
     def _budget(self) -> int:
         if self.memory_limit:
             return self.memory_limit
-        return (8 << 30) if self.provider == "cuda" else _available_memory() // 2
+        return (8 << 30) if self.provider == "cuda" else available_memory() // 2
 
     def _itemsize(self) -> int:
         return 2 if self.dtype == "float16" else 4
@@ -234,15 +243,36 @@ class Engine:
             return self.tile_size
         return 1024 if self.provider == "cuda" else 512
 
+    def planned_bytes(self, batch: int, height: int, width: int, tile: bool | None = None) -> int:
+        """The activation memory one encode or decode of `batch` images of `height x width` pixels
+        plans for: a tile when it is tiled, else the largest batch slice (the server reserves it
+        before queueing a request)."""
+        itemsize = self._itemsize()
+        if self._plan(height, width, tile, TileGrid(1, 0)) is not None:
+            t = self._tile_px()
+            return self.memory.bytes(min(t, height), min(t, width), itemsize)
+        step = int(self._batch_slices(batch, height, width)[0].stop)
+        return step * self.memory.bytes(height, width, itemsize)
+
     def _apply(
-        self, part: str, x: Array, height: int, width: int, tile: bool | None, grid: TileGrid
+        self,
+        part: str,
+        x: Array,
+        height: int,
+        width: int,
+        tile: bool | None,
+        grid: TileGrid,
+        cancel: threading.Event | None,
     ) -> Array:
         plan = self._plan(height, width, tile, grid)
         run: Callable[[Array], Array] = lambda t: self._run_graph(part, t)  # noqa: E731
         if plan is not None:
-            pieces = [run_tiled(run, x[i : i + 1], plan) for i in range(len(x))]
+            pieces = [run_tiled(run, x[i : i + 1], plan, cancel) for i in range(len(x))]
         else:
-            pieces = [run(x[s]) for s in self._batch_slices(len(x), height, width)]
+            pieces = []
+            for s in self._batch_slices(len(x), height, width):
+                check_cancelled(cancel)
+                pieces.append(run(x[s]))
         return pieces[0] if len(pieces) == 1 else array_namespace(x).concatenate(pieces)
 
     # -- public API -----------------------------------------------------------------------------
@@ -257,18 +287,21 @@ class Engine:
         noise: np.ndarray | None = None,
         tile: bool | None = None,
         scaling: Scaling | None = None,
+        cancel: threading.Event | None = None,
     ) -> Any:
         """Images -> scaled latents `[B, C, H/8, W/8]` float32 (a torch tensor when given one).
 
         `images`: uint8 `HWC`/`NHWC` arrays, PIL images, paths or bytes (a list of same-size images
         is a batch), or float `NCHW` in [-1, 1] (numpy or torch). AutoencoderKL models return the
         posterior mean, or with `sample=True` `mean + std * noise` (noise from `seed`, or given).
-        `scaling`: the latents' normalisation (default: the card's).
+        `scaling`: the latents' normalisation (default: the card's). `cancel`: when set (from another
+        thread), the call stops before its next tile or batch slice with `OperationCancelledError`.
+        Output that is NaN or infinite raises `NonFiniteOutputError`.
         """
         x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()
         self._check_image_tensor(x)
         grid = TileGrid(self._tile_px(), self._tile_px() // 4, num=1, den=self.card.spatial_factor)
-        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid)
+        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid, cancel)
         z = self._posterior(moments, sample, seed, noise)
         return (scaling or self.card.scaling).apply(z)
 
@@ -306,11 +339,12 @@ class Engine:
         output: RawOutput = "uint8",
         tile: bool | None = None,
         scaling: Scaling | None = None,
+        cancel: threading.Event | None = None,
     ) -> Any:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
         `width` (the image size in pixels). `scaling`: the latents' normalisation (default: the
-        card's)."""
+        card's). `cancel` and non-finite output: as `encode`."""
         if output not in ("uint8", "float"):
             raise TensorError(f"unknown output {output!r}; expected uint8 or float")
         z = as_latent_batch(latents, height, width, channels=self.card.latent_channels).unpacked()
@@ -319,7 +353,7 @@ class Engine:
         f = self.card.spatial_factor
         tile_latent = self._tile_px() // f
         grid = TileGrid(tile=tile_latent, overlap=tile_latent // 4, num=f, den=1)
-        image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid)
+        image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid, cancel)
         if output == "float":
             return image
         if is_torch(image):

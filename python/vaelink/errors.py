@@ -7,8 +7,10 @@ as diffusers' own remote functions raise.
     │   └── ImageTooLargeError               more pixels than allowed, from the header
     ├── EncodeError (ValueError)             pixels that cannot be encoded
     ├── TensorError (ValueError)             a bad shape, dtype, layout or byte length
+    ├── NonFiniteOutputError (ValueError)    finite input the model turned into NaN or infinity
     ├── FormatError (ValueError)             a malformed compressed tensor or safetensors file
     ├── InvalidEndpointError (ValueError)    a URL that cannot be requested
+    ├── OperationCancelledError              an engine call stopped by its `cancel` event
     ├── ModelError                           finding and loading a model
     │   ├── UnknownModelError (KeyError)     a name with no model card
     │   ├── ModelNotExportedError (FileNotFoundError)
@@ -19,10 +21,13 @@ as diffusers' own remote functions raise.
     │   ├── RemoteTimeoutError               no answer in time
     │   ├── RemoteRequestError (ValueError)  the endpoint refused the request (400, 413, ...)
     │   ├── RemoteAuthError                  401, 403
-    │   └── RemoteUnavailableError           429, 503 after the retries
+    │   ├── RemoteUnavailableError           429, 503 after the retries
+    │   ├── RemoteResponseError              a 2xx answer that is no valid answer, or too large
+    │   └── RemoteRedirectError              too many redirects (a loop?)
     └── ServerError                          raised inside `vaelink serve`, answered as HTTP
         ├── RejectedRequestError (ValueError)  a request refused with its `status`
         ├── QueueFullError                   too many requests waiting (503, Retry-After)
+        ├── ServerBusyError                  memory or work budget full for now (503, Retry-After)
         └── ShuttingDownError                the server stopped before the request ran
 """
 
@@ -38,14 +43,19 @@ __all__ = [
     "InvalidEndpointError",
     "ModelError",
     "ModelNotExportedError",
+    "NonFiniteOutputError",
+    "OperationCancelledError",
     "QueueFullError",
     "RejectedRequestError",
     "RemoteAuthError",
     "RemoteConnectionError",
     "RemoteError",
+    "RemoteRedirectError",
     "RemoteRequestError",
+    "RemoteResponseError",
     "RemoteTimeoutError",
     "RemoteUnavailableError",
+    "ServerBusyError",
     "ServerError",
     "ShuttingDownError",
     "TensorError",
@@ -162,6 +172,16 @@ class RemoteUnavailableError(RemoteError):
     """The endpoint is overloaded or down for now (429, 503), still so after the retries."""
 
 
+class RemoteResponseError(RemoteError):
+    """The endpoint answered 200 with something that is not a valid answer: no tensor (an HTML
+    page), a body that does not match its shape header, a wrong shape or dtype, or a body larger
+    than the request can legitimately return. Another endpoint may do better."""
+
+
+class RemoteRedirectError(RemoteError):
+    """The endpoint redirected more times than allowed: most likely a loop. Not retried."""
+
+
 _STATUS_ERRORS: dict[int, type[RemoteError]] = {
     400: RemoteRequestError,
     401: RemoteAuthError,
@@ -176,6 +196,8 @@ _STATUS_ERRORS: dict[int, type[RemoteError]] = {
 _KIND_ERRORS: dict[str, type[RemoteError]] = {
     "connect": RemoteConnectionError,
     "timeout": RemoteTimeoutError,
+    "too_large": RemoteResponseError,
+    "redirect": RemoteRedirectError,
 }
 
 
@@ -188,7 +210,7 @@ def remote_error(
     attempts: int = 1,
 ) -> VaelinkError:
     """The exception for a failure of the HTTP transport (called by the Rust bindings): `kind` is
-    `status`, `connect`, `timeout`, `invalid_url`, `too_large` or `config`."""
+    `status`, `connect`, `timeout`, `invalid_url`, `too_large`, `redirect` or `config`."""
     if kind == "invalid_url":
         return InvalidEndpointError(message)
     if kind == "config":
@@ -225,3 +247,20 @@ class QueueFullError(ServerError):
 
 class ShuttingDownError(ServerError):
     """The server stopped before the request ran."""
+
+
+class NonFiniteOutputError(VaelinkError, ValueError):
+    """Finite input that the model turns into NaN or infinity (latents far outside the range the
+    model was trained on, say): an answer that would be garbage is refused instead."""
+
+
+class OperationCancelledError(VaelinkError):
+    """An engine call stopped between tiles or batch slices because its `cancel` event was set."""
+
+
+class ServerBusyError(ServerError):
+    """The server's memory or work budget is full for now; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

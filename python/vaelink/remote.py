@@ -8,7 +8,12 @@ raw little-endian bodies with `shape`/`dtype`, images as PNG. A vaelink server d
 model to its own URL on a server of several.
 
 - `RemoteEndpoint`: one URL, its client and token; requests and the cached `/info`.
-- `RemoteBackend`: a `vaelink.backend.Backend` for one model on one endpoint."""
+- `RemoteBackend`: a `vaelink.backend.Backend` for one model on one endpoint.
+- `endpoint_tokens`: which of the tokens given goes to which endpoint.
+
+Hostile or broken servers: every request carries the time left of its call (`deadline`) and a cap
+on the answer's size computed from what the request can legitimately return; an answer that is not
+a valid tensor of the expected shape and dtype is a `RemoteResponseError`."""
 
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import numpy as np
 from ._native import HttpClient
 from .batches import ImageBatch, LatentBatch, RawOutput
 from .cards import ModelCard, Scaling
-from .dtypes import to_float32
+from .dtypes import bfloat16, to_float32
 from .errors import (
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
+    RemoteResponseError,
     RemoteTimeoutError,
     RemoteUnavailableError,
     TensorError,
@@ -49,13 +55,19 @@ __all__ = [
     "ServerInfo",
     "default_client",
     "encode_query",
+    "endpoint_tokens",
     "environment_token",
+    "origin",
 ]
 
 TOKEN_ENV_VARS = ("VAELINK_TOKEN", "HF_TOKEN")
 """Where a bearer token comes from when none is given, in this order."""
 INFO_TTL = 60.0
 """Seconds a server's `/info` is trusted before it is asked again."""
+INFO_MAX_BYTES = 1 << 20
+"""The largest `/info` answer read."""
+ANSWER_SLACK = 1 << 16
+"""Bytes allowed above the largest valid answer: room for a JSON error body instead."""
 ACCEPT_TENSOR = {"Accept": "tensor/binary"}
 TENSOR_HEADERS = {"Content-Type": "tensor/binary", **ACCEPT_TENSOR}
 
@@ -113,6 +125,42 @@ def environment_token(url: str) -> str | None:
         if value := os.environ.get(name, "").strip():
             return value
     return None
+
+
+def origin(url: str) -> str:
+    """`scheme://host:port` of a URL (default ports made explicit, lower case)."""
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def endpoint_tokens(
+    urls: Sequence[str], token: str | Mapping[str, str] | None
+) -> dict[str, str | None]:
+    """The token given for each URL; None where none was (the environment's may apply then).
+
+    A str goes to every URL, which must then share one origin: a token belongs to the service it
+    was issued for, and a fallback list usually spans several. A mapping gives each its own: keyed
+    by the URL itself (trailing slash or not), else by an origin (`https://host[:port]`), which
+    covers every URL there."""
+    if token is None:
+        return dict.fromkeys(urls)
+    if isinstance(token, str):
+        origins = sorted({origin(url) for url in urls})
+        if len(origins) > 1:
+            raise ValueError(
+                f"one token for endpoints of different origins ({', '.join(origins)}): give each "
+                "its own with token={url or origin: token} or (url, token) entries"
+            )
+        return dict.fromkeys(urls, token)
+    by_url = {key.strip().rstrip("/"): value for key, value in token.items()}
+    by_origin = {
+        origin(key): value
+        for key, value in token.items()
+        if urlsplit(key.strip()).path in ("", "/")
+    }
+    return {url: by_url.get(url.rstrip("/"), by_origin.get(origin(url))) for url in urls}
 
 
 @functools.cache
@@ -194,9 +242,13 @@ class RemoteEndpoint:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
+        deadline: float | None = None,
+        max_response_bytes: int | None = None,
     ) -> tuple[dict[str, str], bytearray]:
         """One request (retried by the client's policy); `(headers, body)` of a 2xx answer, a
-        `vaelink.errors.RemoteError` otherwise."""
+        `vaelink.errors.RemoteError` otherwise. `deadline` (`time.monotonic()`) ends it, retries
+        and their waits included; a body above `max_response_bytes` is refused unread."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         _, response_headers, content = self.client.request(
             method,
             url or self.url,
@@ -204,6 +256,8 @@ class RemoteEndpoint:
             list((headers or {}).items()),
             body,
             self.token or None,
+            timeout=timeout,
+            max_response_bytes=max_response_bytes,
         )
         return response_headers, content
 
@@ -213,10 +267,21 @@ class RemoteEndpoint:
         body: bytes,
         headers: Mapping[str, str] | None = None,
         url: str | None = None,
+        *,
+        deadline: float | None = None,
+        max_response_bytes: int | None = None,
     ) -> tuple[dict[str, str], bytearray]:
-        return self.request("POST", url, params=params, headers=headers, body=body)
+        return self.request(
+            "POST",
+            url,
+            params=params,
+            headers=headers,
+            body=body,
+            deadline=deadline,
+            max_response_bytes=max_response_bytes,
+        )
 
-    def info(self) -> ServerInfo | None:
+    def info(self, deadline: float | None = None) -> ServerInfo | None:
         """The server's `/info` if it is a vaelink server, else None; cached for `INFO_TTL`.
 
         No connection, a timeout or 429/503 after the retries raise (the endpoint is down or busy);
@@ -226,7 +291,12 @@ class RemoteEndpoint:
             if self._info is not None and now - self._info[0] < INFO_TTL:
                 return self._info[1]
         try:
-            headers, body = self.request("GET", _base_url(self.url) + "/info")
+            headers, body = self.request(
+                "GET",
+                _base_url(self.url) + "/info",
+                deadline=deadline,
+                max_response_bytes=INFO_MAX_BYTES,
+            )
             is_json = "json" in headers.get("content-type", "")
             info = ServerInfo.parse(json.loads(body)) if is_json else None
         except (RemoteConnectionError, RemoteTimeoutError, RemoteUnavailableError):
@@ -258,17 +328,24 @@ def _signed_range(x: np.ndarray) -> np.ndarray:
     return x if x.min() < 0 else (x + 1) / 2
 
 
-def _check_images(images: np.ndarray, batch: int, output: RawOutput) -> np.ndarray:
-    floats = output == "float"
-    ok = images.ndim == 4 and len(images) == batch
-    ok = ok and (images.shape[1] == 3 if floats else images.shape[3] == 3)
-    ok = ok and (images.dtype == np.float32 if floats else images.dtype == np.uint8)
-    if not ok:
-        expected = "[B, 3, H, W] floats" if floats else "[B, H, W, 3] uint8"
+def _check_images(images: np.ndarray, shape: tuple[int, ...], output: RawOutput) -> np.ndarray:
+    """`images` if they have the expected `shape` (`[B, H, W, 3]` or `[B, 3, H, W]`) and dtype."""
+    dtype = np.float32 if output == "float" else np.uint8
+    if images.shape != shape or images.dtype != dtype:
         raise TensorError(
-            f"the endpoint answered {images.dtype} {list(images.shape)}, not {expected}"
+            f"the endpoint answered {images.dtype} {list(images.shape)}, "
+            f"not {np.dtype(dtype)} {list(shape)}"
         )
     return images
+
+
+def _is_float(tensor: np.ndarray) -> bool:
+    return tensor.dtype.kind == "f" or tensor.dtype == bfloat16
+
+
+def _answer_cap(shape: Sequence[int], itemsize: int) -> int:
+    """The response body limit for a tensor answer of `shape`."""
+    return int(np.prod(shape, dtype=np.int64)) * itemsize + ANSWER_SLACK
 
 
 class RemoteBackend:
@@ -311,11 +388,11 @@ class RemoteBackend:
             pool = self._pool
         return list(pool.map(fn, items))
 
-    def _route(self) -> tuple[ServerInfo | None, str]:
+    def _route(self, deadline: float | None = None) -> tuple[ServerInfo | None, str]:
         """The server's info (fast path only) and where requests for this model go: a vaelink
         server of several models is asked at `/<name>/` when the URL names none. Raises
         `RemoteError` when the server cannot serve the model."""
-        info = self.endpoint.info() if self.fast_path else None
+        info = self.endpoint.info(deadline) if self.fast_path else None
         url = self.endpoint.url
         if info is None or not info.models:
             return info, url
@@ -339,30 +416,87 @@ class RemoteBackend:
             )
         return info, f"{_base_url(url)}/{name}/{path + '/' if path else ''}"
 
+    def _post(
+        self,
+        url: str,
+        params: Mapping[str, Any],
+        body: bytes,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        expected: tuple[int, ...],
+        itemsize: int,
+    ) -> np.ndarray:
+        """One request whose answer is a tensor of `expected` shape (dtype items of at most
+        `itemsize` bytes): the body is capped to that, and anything else is a
+        `RemoteResponseError`."""
+        response_headers, content = self.endpoint.post(
+            params,
+            body,
+            headers,
+            url,
+            deadline=deadline,
+            max_response_bytes=_answer_cap(expected, itemsize),
+        )
+        try:
+            tensor = read_tensor(response_headers, content)
+        except TensorError as error:
+            kind = response_headers.get("content-type", "no content type")
+            raise RemoteResponseError(f"not a valid answer ({kind}): {error}", url=url) from error
+        if tensor.shape != expected:
+            raise RemoteResponseError(
+                f"answered shape {list(tensor.shape)}, expected {list(expected)}", url=url
+            )
+        return tensor
+
     def _post_tensor(
-        self, url: str, params: Mapping[str, Any], tensor: np.ndarray, headers: Mapping[str, str]
+        self,
+        url: str,
+        params: Mapping[str, Any],
+        tensor: np.ndarray,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        expected: tuple[int, ...],
+        itemsize: int,
     ) -> np.ndarray:
         wire = to_wire(tensor)
         query = {**params, "shape": list(wire.shape), "dtype": wire.dtype}
-        response_headers, body = self.endpoint.post(query, wire.body, headers, url)
-        return read_tensor(response_headers, body)
+        return self._post(url, query, wire.body, headers, deadline, expected, itemsize)
 
     def encode(
-        self, images: ImageBatch, /, *, sample: bool = False, seed: int | None = None
+        self,
+        images: ImageBatch,
+        /,
+        *,
+        sample: bool = False,
+        seed: int | None = None,
+        deadline: float | None = None,
     ) -> Any:
-        info, url = self._route()
+        """`Backend.encode`; `deadline` (`time.monotonic()`) ends every request of the call."""
+        info, url = self._route(deadline)
         params: dict[str, Any] = scaling_query(self.card.scaling)
         if sample:
             params |= {"sample": True, "seed": seed}
+        f, channels = self.card.spatial_factor, self.card.latent_channels
+        h, w = images.size
+
+        def latents(n: int) -> tuple[int, ...]:
+            return (n, channels, h // f, w // f)
+
+        def answer(tensor: np.ndarray) -> np.ndarray:
+            if not _is_float(tensor):
+                raise RemoteResponseError(f"answered {tensor.dtype} latents", url=url)
+            return to_float32(tensor)
 
         def tensor(x: np.ndarray, extra: dict[str, Any] | None = None) -> np.ndarray:
             # No Content-Type: as the diffusers client sends images and tensors to encode.
-            return to_float32(self._post_tensor(url, params | (extra or {}), x, ACCEPT_TENSOR))
+            query = params | (extra or {})
+            return answer(
+                self._post_tensor(url, query, x, ACCEPT_TENSOR, deadline, latents(len(x)), 4)
+            )
 
         def png(pixels: np.ndarray) -> np.ndarray:
             body = encode_image(pixels, "png")  # fast, lossless: the server sees these pixels
-            headers, content = self.endpoint.post(params, body, ACCEPT_TENSOR, url)
-            return to_float32(read_tensor(headers, content))
+            return answer(self._post(url, params, body, ACCEPT_TENSOR, deadline, latents(1), 4))
 
         x = images.numpy()
         if images.pixels and info is not None and info.uint8_images:
@@ -376,17 +510,22 @@ class RemoteBackend:
             )
         else:
             pieces = self._map(lambda i: tensor(_signed_range(x[i : i + 1])), range(len(x)))
-        latents = _concat(pieces)
-        if latents.ndim != 4 or len(latents) != len(x):
-            raise TensorError(f"the endpoint answered latents of shape {list(latents.shape)}")
-        return latents
+        return _concat(pieces)
 
-    def decode(self, latents: LatentBatch, /, *, output: RawOutput = "uint8") -> Any:
+    def decode(
+        self,
+        latents: LatentBatch,
+        /,
+        *,
+        output: RawOutput = "uint8",
+        deadline: float | None = None,
+    ) -> Any:
+        """`Backend.decode`; `deadline` (`time.monotonic()`) ends every request of the call."""
         floats = output == "float"
         z = latents.numpy()
         if floats and latents.wire_dtype is None:
             z = to_float32(z)  # endpoints answer in the latents' dtype: float32, as locally
-        info, url = self._route()
+        info, url = self._route(deadline)
         params: dict[str, Any] = {
             "output_type": "pt",
             "partial_postprocess": not floats,  # uint8 pixels, rounded as the engine rounds
@@ -395,11 +534,31 @@ class RemoteBackend:
         }
         if latents.height is not None and latents.width is not None:
             params |= {"height": latents.height, "width": latents.width}
+        f = self.card.spatial_factor
+        if latents.packed:  # as `unpack_latents` sizes them
+            assert latents.height is not None and latents.width is not None
+            h, w = 2 * (latents.height // 16), 2 * (latents.width // 16)
+        else:
+            h, w = z.shape[2:]
+        height, width = h * f, w * f
+
+        def images(n: int) -> tuple[int, ...]:
+            return (n, 3, height, width) if floats else (n, height, width, 3)
+
         # A vaelink server takes batches; to others one latent per request (several in flight).
         size = info.batch_size(z[0].nbytes) if info is not None else 1
 
         def post(s: slice) -> np.ndarray:
-            tensor = self._post_tensor(url, params, np.ascontiguousarray(z[s]), TENSOR_HEADERS)
-            return tensor if tensor.dtype == np.uint8 else to_float32(tensor)
+            piece = np.ascontiguousarray(z[s])
+            expected = images(len(piece))
+            tensor = self._post_tensor(
+                url, params, piece, TENSOR_HEADERS, deadline, expected, 4 if floats else 1
+            )
+            try:
+                return _check_images(
+                    to_float32(tensor) if _is_float(tensor) else tensor, expected, output
+                )
+            except TensorError as error:
+                raise RemoteResponseError(str(error), url=url) from error
 
-        return _check_images(_concat(self._map(post, _split(len(z), size))), len(z), output)
+        return _concat(self._map(post, _split(len(z), size)))

@@ -6,15 +6,17 @@ normalised so that the weights at every output pixel sum to one."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .errors import OperationCancelledError
 from .frameworks import is_torch, to_torch
 
-__all__ = ["TileGrid", "run_tiled", "tile_starts"]
+__all__ = ["TileGrid", "check_cancelled", "run_tiled", "tile_starts"]
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -62,9 +64,17 @@ class TileGrid:
         return tile_starts(size, self.tile, self.overlap, align=self.den)
 
 
-def run_tiled(fn: Callable[[Any], Any], x: Any, grid: TileGrid) -> Any:
+def check_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise OperationCancelledError("cancelled")
+
+
+def run_tiled(
+    fn: Callable[[Any], Any], x: Any, grid: TileGrid, cancel: threading.Event | None = None
+) -> Any:
     """Applies `fn` (NCHW -> NC'H'W') tile by tile over `x` and blends the results. `x` is a numpy
-    array or a torch tensor; the blend happens where `x` lives."""
+    array or a torch tensor; the blend happens where `x` lives. `cancel`: checked before each tile
+    (`OperationCancelledError`), so that abandoned work stops within one tile."""
     as_x = _converter(x)
     _, _, height, width = x.shape
     ys, xs = grid._starts(height), grid._starts(width)
@@ -73,6 +83,7 @@ def run_tiled(fn: Callable[[Any], Any], x: Any, grid: TileGrid) -> Any:
     weight = as_x(np.zeros((grid.out(height), grid.out(width)), np.float32))
     for y in ys:
         for x0 in xs:
+            check_cancelled(cancel)
             result = fn(x[:, :, y : y + th, x0 : x0 + tw])
             oy, ox, oh, ow = grid.out(y), grid.out(x0), grid.out(th), grid.out(tw)
             # Ramps only where this tile meets another: overlaps are measured in output samples.

@@ -12,9 +12,10 @@ from typing import Any
 from ..engine import Engine, Provider
 from ..errors import VaelinkError
 from .batching import Batching
+from .guards import Guards
 from .protocol import Limits
 
-__all__ = ["Batching", "Limits", "create_app", "load_engines", "serve"]
+__all__ = ["Batching", "Guards", "Limits", "create_app", "load_engines", "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -58,25 +59,25 @@ def serve(
     token: str | None = None,
     limits: Limits | None = None,
     batching: Batching | None = None,
+    guards: Guards | None = None,
     warmup: bool = True,
     graceful_timeout: float | None = 30.0,
     log_level: str = "info",
 ) -> None:
     """Loads the models and serves them with uvicorn until SIGINT/SIGTERM; requests in flight are
-    answered before the process exits (for at most `graceful_timeout` seconds)."""
-    import uvicorn
-
+    answered before the process exits (for at most `graceful_timeout` seconds), bodies still
+    arriving are refused."""
     from .app import create_app
+    from .runner import make_server
 
     engines = load_engines(models, provider)
     if warmup:
         for engine in engines.values():
             warm_up(engine)
-    app = create_app(engines, limits=limits, batching=batching, token=token)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=graceful_timeout,
+    app = create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
+    server = make_server(
+        app, host=host, port=port, graceful_timeout=graceful_timeout, log_level=log_level
     )
+    server.run()
+    if not server.started:  # uvicorn logged why (the port is taken, say)
+        raise VaelinkError(f"the server could not start on {host}:{port}")

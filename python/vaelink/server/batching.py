@@ -2,12 +2,17 @@
 milliseconds of each other - or while the engine is busy - run as one engine call.
 
 The engine runs in a worker thread, never on the event loop. Waiting requests are bounded: past
-`max_queue`, `submit` raises `QueueFullError` at once (the app answers 503 with Retry-After)."""
+`max_queue`, `submit` raises `QueueFullError` at once (the app answers 503 with Retry-After).
+
+A request whose waiting is cancelled (its client went away, its deadline passed) is dropped: before
+its batch runs, or - when every request of a running batch is gone - by the batch's cancel event,
+which the engine checks between tiles and batch slices."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -57,8 +62,9 @@ class _Group(Generic[K]):
     size: int = 0
 
 
-RunBatch = Callable[[K, list[Job]], list[Any]]
-"""Runs one batch in the worker thread: a result per job, in order."""
+RunBatch = Callable[[K, list[Job], threading.Event], list[Any]]
+"""Runs one batch in the worker thread: a result per job, in order (an exception instance fails
+its job alone). The event is set when every job of the batch has been abandoned."""
 BatchHook = Callable[[K, int, int, float], None]
 """Called after each batch with (key, images, requests, seconds)."""
 
@@ -191,8 +197,11 @@ class Batcher(Generic[K]):
             if not jobs:
                 continue
             start = time.perf_counter()
+            cancel = _cancel_when_abandoned(jobs)
             try:
-                results = await loop.run_in_executor(self._executor, self._run, group.key, jobs)
+                results = await loop.run_in_executor(
+                    self._executor, self._run, group.key, jobs, cancel
+                )
                 if len(results) != len(jobs):
                     raise RuntimeError(f"batch of {len(jobs)} gave {len(results)} results")
             except asyncio.CancelledError:
@@ -202,7 +211,11 @@ class Batcher(Generic[K]):
                 self._fail(jobs, e)
             else:
                 for job, result in zip(jobs, results, strict=True):
-                    if not job.future.done():
+                    if job.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
                         job.future.set_result(result)
             if self._on_batch is not None:
                 images = sum(job.size for job in jobs)
@@ -215,3 +228,17 @@ class Batcher(Generic[K]):
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
+
+
+def _cancel_when_abandoned(jobs: list[Job]) -> threading.Event:
+    """An event set once every job's future is cancelled: a batch shared by several requests runs
+    on while any of them still waits."""
+    cancel = threading.Event()
+
+    def abandoned(_: asyncio.Future[Any]) -> None:
+        if all(job.future.cancelled() for job in jobs):
+            cancel.set()
+
+    for job in jobs:
+        job.future.add_done_callback(abandoned)
+    return cancel

@@ -110,6 +110,11 @@ class Metrics:
             "vaelink_queue_depth", "Requests waiting for the engine", ["model"], registry=r
         )
         self.in_flight = Gauge("vaelink_requests_in_flight", "Requests being handled", registry=r)
+        self.inflight_bytes = Gauge(
+            "vaelink_inflight_bytes",
+            "Bytes of the in-flight budget taken: bodies, arrays, planned engine memory",
+            registry=r,
+        )
         if gpu:
             r.register(GpuMemoryCollector())
 

@@ -29,8 +29,10 @@ __all__ = [
     "TensorResponse",
     "decode_request",
     "decode_response",
+    "decode_size",
     "encode_request",
     "encode_response",
+    "encode_size",
     "operation",
     "parse_query",
     "read_images",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 Query = dict[str, Any]
+Body = bytes | bytearray
+"""A request body (the server reads it into one bytearray)."""
 Operation = Literal["decode", "encode"]
 DecodeOutput = Literal["jpeg", "png", "webp", "raw", "uint8", "unit"]
 """jpeg/png/webp: one encoded image; raw: decoder output [B,3,H,W]; uint8: [B,H,W,3] pixels
@@ -60,6 +64,8 @@ class Limits:
     tile_above_pixels: int = 2048 * 2048
     max_batch: int = 16
     """Images (or latents) in one request."""
+    max_request_pixels: int = 32_000_000
+    """Pixels of all images of one request together: the cost of a request is linear in them."""
 
 
 # -- query parsing ------------------------------------------------------------------------------
@@ -242,7 +248,9 @@ def decode_request(query: Query, accept: str | None, card: ModelCard) -> DecodeR
     return req
 
 
-def _check_latent_shape(req: DecodeRequest, card: ModelCard, limits: Limits) -> None:
+def decode_size(req: DecodeRequest, card: ModelCard, limits: Limits) -> tuple[int, int, int]:
+    """(batch, height, width) of the images a decode request asks for, from its parameters alone
+    (before its body is read); refused when beyond the limits."""
     shape, f = req.shape, card.spatial_factor
     if len(shape) == 5:
         raise RejectedRequestError("video latents (5-D) are not supported by this server")
@@ -266,22 +274,29 @@ def _check_latent_shape(req: DecodeRequest, card: ModelCard, limits: Limits) -> 
                 f"{card.name} latents have {card.latent_channels} channels, got shape {list(shape)}"
             )
         height, width = shape[2] * f, shape[3] * f
-    _check_size(shape[0], height, width, limits)
+    check_size(shape[0], height, width, limits)
+    return shape[0], height, width
 
 
-def _check_size(batch: int, height: int, width: int, limits: Limits) -> None:
+def check_size(batch: int, height: int, width: int, limits: Limits) -> None:
     if height * width > limits.max_pixels:
         raise too_large(
             f"{width}x{height} images exceed this server's limit of {limits.max_pixels} pixels"
         )
     if batch > limits.max_batch:
         raise too_large(f"batch of {batch} exceeds this server's limit of {limits.max_batch}")
+    if batch * height * width > limits.max_request_pixels:
+        raise too_large(
+            f"{batch} images of {width}x{height} are {batch * height * width / 1e6:.1f} "
+            f"megapixels, beyond this server's limit of {limits.max_request_pixels / 1e6:g} "
+            "per request; send fewer or smaller images"
+        )
 
 
-def read_latents(body: bytes, req: DecodeRequest, card: ModelCard, limits: Limits) -> np.ndarray:
+def read_latents(body: Body, req: DecodeRequest, card: ModelCard, limits: Limits) -> np.ndarray:
     """The request's latents as float32 `[B, C, h, w]`, unscaled (as the decoder takes them),
     validated so that a bad request never reaches a shared batch."""
-    _check_latent_shape(req, card, limits)
+    decode_size(req, card, limits)
     if req.dtype not in FLOAT_DTYPES:
         raise RejectedRequestError(f"latents must be float16, bfloat16 or float32, got {req.dtype}")
     latents = wire.from_wire(body, req.shape, req.dtype)
@@ -369,7 +384,7 @@ def _fit(pixels: np.ndarray, req: EncodeRequest, f: int) -> np.ndarray:
     return image.fit_to_multiple(pixels, f, req.fit)
 
 
-def _image_tensor(body: bytes, req: EncodeRequest, f: int, limits: Limits) -> np.ndarray:
+def _tensor_size(req: EncodeRequest, f: int, limits: Limits) -> tuple[int, int, int]:
     shape, dtype = req.shape or (), req.dtype or "float32"
     if dtype == "uint8":
         if len(shape) not in (3, 4) or shape[-1] != 3:
@@ -385,9 +400,36 @@ def _image_tensor(body: bytes, req: EncodeRequest, f: int, limits: Limits) -> np
         batch, height, width = (1, *shape[1:]) if len(shape) == 3 else (shape[0], *shape[2:])
     if 0 in shape:
         raise RejectedRequestError(f"empty image tensor, shape {list(shape)}")
-    _check_size(batch, height, width, limits)
+    check_size(batch, height, width, limits)
     if height % f or width % f:
         raise RejectedRequestError(f"image size {width}x{height} must be a multiple of {f}")
+    return batch, height, width
+
+
+def encode_size(
+    body: Body | None, req: EncodeRequest, card: ModelCard, limits: Limits
+) -> tuple[int, int, int] | None:
+    """(batch, height, width) of the images of an encode request: from the parameters of a tensor
+    (`body` may be None: not read yet), from an image's header otherwise (None when unreadable:
+    `read_images` says why). Refused when beyond the limits."""
+    if req.shape is not None:
+        return _tensor_size(req, card.spatial_factor, limits)
+    if body is None:
+        return None
+    try:  # the header is near the start; probing the prefix avoids copying a large body
+        info = image.probe_image(memoryview(body)[: 1 << 20])
+    except ValueError:
+        try:
+            info = image.probe_image(body)
+        except ValueError:
+            return None
+    check_size(1, info.height, info.width, limits)
+    return 1, info.height, info.width
+
+
+def _image_tensor(body: Body, req: EncodeRequest, f: int, limits: Limits) -> np.ndarray:
+    shape, dtype = req.shape or (), req.dtype or "float32"
+    batch, height, width = _tensor_size(req, f, limits)
     array = wire.from_wire(body, shape, dtype)
     if dtype == "uint8":
         return processing.preprocess(array)
@@ -399,7 +441,7 @@ def _image_tensor(body: bytes, req: EncodeRequest, f: int, limits: Limits) -> np
     return x
 
 
-def read_images(body: bytes, req: EncodeRequest, card: ModelCard, limits: Limits) -> np.ndarray:
+def read_images(body: Body, req: EncodeRequest, card: ModelCard, limits: Limits) -> np.ndarray:
     """The request's images as float32 NCHW in [-1, 1], sides multiples of the spatial factor."""
     f = card.spatial_factor
     if req.shape is not None:

@@ -2,7 +2,7 @@
 //! attempt loop that applies the retry policy.
 
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
@@ -28,6 +28,13 @@ pub struct Request {
     pub body: Bytes,
     /// Sent as `Authorization: Bearer <token>`, unless `headers` carry an Authorization already.
     pub token: Option<String>,
+    /// When the whole request - every attempt, backoff and `Retry-After` wait - must be over. An
+    /// attempt still running then is cut ([`HttpError::Timeout`]); a retry whose wait would end
+    /// after it is not started (the last attempt's error is returned).
+    pub deadline: Option<Instant>,
+    /// A limit on the response body for this request (what it can legitimately return); the
+    /// client's [`ClientConfig::max_response_bytes`] stays the upper bound.
+    pub max_response_bytes: Option<u64>,
 }
 
 impl Request {
@@ -39,6 +46,8 @@ impl Request {
             headers: Vec::new(),
             body: Bytes::new(),
             token: None,
+            deadline: None,
+            max_response_bytes: None,
         }
     }
 
@@ -57,6 +66,18 @@ impl Request {
 
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The whole request must be over within `timeout` from now (see [`Request::deadline`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        // An absurdly long timeout (an overflowing Instant) is no deadline.
+        self.deadline = Instant::now().checked_add(timeout);
+        self
+    }
+
+    pub fn max_response_bytes(mut self, limit: u64) -> Self {
+        self.max_response_bytes = Some(limit);
         self
     }
 }
@@ -270,6 +291,19 @@ fn display_url(url: &reqwest::Url) -> String {
     url.to_string()
 }
 
+/// The attempt cut (or not started) because the request's deadline passed.
+fn deadline_passed(url: &reqwest::Url) -> Attempt {
+    Attempt {
+        error: HttpError::Timeout {
+            url: display_url(url),
+            message: "the request's time limit passed".into(),
+            attempts: 1,
+        },
+        failure: Failure::Timeout,
+        retry_after: None,
+    }
+}
+
 /// An attempt that went wrong, with what the retry policy needs to know about it.
 struct Attempt {
     error: HttpError,
@@ -280,20 +314,39 @@ struct Attempt {
 impl Inner {
     async fn run(&self, request: Request) -> HttpResult<Response> {
         let (url, headers) = self.prepare(&request)?;
+        let limit = request
+            .max_response_bytes
+            .map_or(self.config.max_response_bytes, |n| {
+                n.min(self.config.max_response_bytes)
+            });
         let mut retries = 0;
         loop {
-            match self.attempt(&request, &url, &headers).await {
+            let attempt = self.attempt(&request, &url, &headers, limit);
+            let outcome = match request.deadline {
+                // Checked first: `timeout_at` would still start an attempt past its deadline.
+                Some(deadline) if Instant::now() >= deadline => Err(deadline_passed(&url)),
+                // Dropping the cut attempt closes its connection.
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(deadline_passed(&url))),
+                None => attempt.await,
+            };
+            match outcome {
                 Ok(mut response) => {
                     response.attempts = retries + 1;
                     return Ok(response);
                 }
                 Err(attempt) => {
-                    let delay = self.config.retry.next_delay(
-                        retries,
-                        attempt.failure,
-                        attempt.retry_after,
-                        random_unit(),
-                    );
+                    let delay = self
+                        .config
+                        .retry
+                        .next_delay(retries, attempt.failure, attempt.retry_after, random_unit())
+                        // A wait that ends past the deadline would only end in a timeout.
+                        .filter(|delay| {
+                            request
+                                .deadline
+                                .is_none_or(|deadline| Instant::now() + *delay < deadline)
+                        });
                     match delay {
                         Some(delay) => tokio::time::sleep(delay).await,
                         None => return Err(attempt.error.with_attempts(retries + 1)),
@@ -346,6 +399,7 @@ impl Inner {
         request: &Request,
         url: &reqwest::Url,
         headers: &HeaderMap,
+        limit: u64,
     ) -> Result<Response, Attempt> {
         let builder = match request.method {
             Method::Get => self.http.get(url.clone()),
@@ -370,7 +424,7 @@ impl Inner {
                 (name.as_str().to_string(), text)
             })
             .collect();
-        let body = self.read_body(url, response).await?;
+        let body = self.read_body(url, response, limit).await?;
         if !(200..300).contains(&status) {
             return Err(Attempt {
                 error: HttpError::Status {
@@ -396,14 +450,16 @@ impl Inner {
         &self,
         url: &reqwest::Url,
         mut response: reqwest::Response,
+        limit: u64,
     ) -> Result<Bytes, Attempt> {
-        let limit = self.config.max_response_bytes;
+        // Checked before buffering: a declared length from the header, chunk by chunk otherwise,
+        // so at most `limit` bytes plus one chunk are ever held.
         let too_large = || Attempt {
             error: HttpError::TooLarge {
                 url: display_url(url),
                 limit,
             },
-            failure: Failure::Status(0), // never retried
+            failure: Failure::Fatal,
             retry_after: None,
         };
         let declared = response.content_length();
@@ -430,10 +486,17 @@ impl Inner {
 
     fn transport_error(&self, url: &reqwest::Url, error: reqwest::Error) -> Attempt {
         let url = display_url(url);
-        let (connect, timeout, builder) =
-            (error.is_connect(), error.is_timeout(), error.is_builder());
+        let (connect, timeout, builder, redirect) = (
+            error.is_connect(),
+            error.is_timeout(),
+            error.is_builder(),
+            error.is_redirect(),
+        );
         let message = error_chain(&error.without_url());
-        let (error, failure) = if connect {
+        // Before `connect`: a redirect loop is a misconfigured endpoint, not a network failure.
+        let (error, failure) = if redirect {
+            (HttpError::Redirect { url, message }, Failure::Fatal)
+        } else if connect {
             let e = HttpError::Connect {
                 url,
                 message,
@@ -448,7 +511,7 @@ impl Inner {
             };
             (e, Failure::Timeout)
         } else if builder {
-            (HttpError::InvalidUrl { url, message }, Failure::Status(0))
+            (HttpError::InvalidUrl { url, message }, Failure::Fatal)
         } else {
             let e = HttpError::Transport {
                 url,
@@ -791,6 +854,203 @@ mod tests {
             matches!(err, HttpError::TooLarge { limit: 99, .. }),
             "{err:?}"
         );
+    }
+
+    /// A loopback server that hands every connection to `handle` on its own thread.
+    fn serve_raw(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let handle = Arc::new(handle);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                let handle = Arc::clone(&handle);
+                thread::spawn(move || handle(stream));
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn the_deadline_cuts_a_trickling_answer() {
+        // One byte a second never trips the read timeout; the deadline bounds the whole call.
+        let url = serve_raw(|stream| {
+            let mut writer = stream.try_clone().unwrap();
+            read_request(&mut BufReader::new(stream), 0);
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n");
+            for _ in 0..100 {
+                if writer.write_all(b"x").is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let client = Client::new(ClientConfig {
+            read_timeout: Some(Duration::from_secs(1)),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let start = Instant::now();
+        let request = Request::get(url).timeout(Duration::from_millis(700));
+        let err = client.execute(request).unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(
+            matches!(err, HttpError::Timeout { attempts: 1, .. }),
+            "{err:?}"
+        );
+        assert!(elapsed >= Duration::from_millis(650), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    }
+
+    #[test]
+    fn no_retry_is_started_that_would_end_past_the_deadline() {
+        let server = FakeServer::start(vec![error(503, vec![("retry-after", "2".into())]); 5]);
+        let start = Instant::now();
+        let request = Request::get(server.url.clone()).timeout(Duration::from_secs(1));
+        let err = fast_client().execute(request).unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(900));
+        assert!(
+            matches!(
+                err,
+                HttpError::Status {
+                    status: 503,
+                    attempts: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(server.seen().len(), 1);
+        // Backoffs that fit are waited for, and the deadline still ends the call.
+        let server = FakeServer::start(vec![error(503, vec![]); 1000]);
+        let client = Client::new(ClientConfig {
+            retry: RetryPolicy {
+                max_retries: 1000,
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(50),
+                jitter: 0.0,
+                ..RetryPolicy::default()
+            },
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let start = Instant::now();
+        let request = Request::get(server.url.clone()).timeout(Duration::from_millis(500));
+        let err = client.execute(request).unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(600));
+        assert_eq!(err.status(), Some(503));
+        assert!(
+            (3..=11).contains(&server.seen().len()),
+            "{}",
+            server.seen().len()
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_sends_nothing() {
+        let server = FakeServer::start(vec![ok(b"")]);
+        let request = Request::get(server.url.clone()).timeout(Duration::ZERO);
+        let err = fast_client().execute(request).unwrap_err();
+        assert!(matches!(err, HttpError::Timeout { .. }), "{err:?}");
+        assert!(server.seen().is_empty());
+    }
+
+    #[test]
+    fn a_request_can_lower_the_response_limit_but_not_raise_it() {
+        let server = FakeServer::start(vec![ok(&[7; 100]); 3]);
+        let client = Client::new(ClientConfig {
+            max_response_bytes: 150,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let small = Request::get(server.url.clone()).max_response_bytes(99);
+        let err = client.execute(small).unwrap_err();
+        assert!(
+            matches!(err, HttpError::TooLarge { limit: 99, .. }),
+            "{err:?}"
+        );
+        let exact = Request::get(server.url.clone()).max_response_bytes(100);
+        assert_eq!(client.execute(exact).unwrap().body.len(), 100);
+        let big = Request::get(server.url.clone()).max_response_bytes(1 << 40);
+        assert_eq!(client.execute(big).unwrap().body.len(), 100);
+        assert_eq!(server.seen().len(), 3, "not retried");
+    }
+
+    #[test]
+    fn an_endless_body_is_cut_at_the_limit_without_reading_on() {
+        // Chunked, no declared length: the client must stop at the limit, not buffer it all.
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&written);
+        let url = serve_raw(move |stream| {
+            let mut writer = stream.try_clone().unwrap();
+            read_request(&mut BufReader::new(stream), 0);
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            writer.write_all(head).unwrap();
+            let chunk = [b'x'; 1 << 16];
+            let mut total = 0u64;
+            while total < 1 << 30 {
+                let framed = writer
+                    .write_all(b"10000\r\n")
+                    .and_then(|()| writer.write_all(&chunk))
+                    .and_then(|()| writer.write_all(b"\r\n"));
+                if framed.is_err() {
+                    break;
+                }
+                total += chunk.len() as u64;
+            }
+            log.lock().unwrap().push(total);
+        });
+        let start = Instant::now();
+        let request = Request::get(url).max_response_bytes(1 << 20);
+        let err = fast_client().execute(request).unwrap_err();
+        assert!(
+            matches!(err, HttpError::TooLarge { limit, .. } if limit == 1 << 20),
+            "{err:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // The server finds the connection closed after the limit plus the socket buffers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while written.lock().unwrap().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let written = written.lock().unwrap().clone();
+        assert_eq!(written.len(), 1, "one connection: not retried");
+        assert!(
+            written[0] < 64 << 20,
+            "the server wrote {} bytes",
+            written[0]
+        );
+    }
+
+    #[test]
+    fn a_redirect_loop_is_its_own_error_and_not_retried() {
+        let server =
+            FakeServer::start(vec![(302, vec![("location", "/".into())], Vec::new()); 100]);
+        let err = fast_client()
+            .execute(Request::post(server.url.clone(), b"x".to_vec()))
+            .unwrap_err();
+        assert!(matches!(err, HttpError::Redirect { .. }), "{err:?}");
+        assert!(err.to_string().contains("too many redirects"), "{err}");
+        assert_eq!(
+            server.seen().len(),
+            6,
+            "the request and five redirects, once"
+        );
+    }
+
+    #[test]
+    fn the_token_is_not_sent_to_another_origin_on_a_redirect() {
+        let other = FakeServer::start(vec![ok(b"moved")]);
+        let first = FakeServer::start(vec![(307, vec![("location", other.url.clone())], vec![])]);
+        let mut request = Request::get(first.url.clone());
+        request.token = Some("s3cret".into());
+        let response = fast_client().execute(request).unwrap();
+        assert_eq!(&response.body[..], b"moved");
+        assert_eq!(
+            first.seen()[0].header("authorization"),
+            Some("Bearer s3cret")
+        );
+        assert_eq!(other.seen()[0].header("authorization"), None);
     }
 
     #[test]

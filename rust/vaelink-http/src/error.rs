@@ -42,9 +42,12 @@ pub enum HttpError {
         retry_after: Option<Duration>,
         attempts: u32,
     },
-    /// A response body larger than the configured limit.
+    /// A response body larger than the limit (the request's, or the client's).
     #[error("the response from {url} exceeds {limit} bytes")]
     TooLarge { url: String, limit: u64 },
+    /// Redirected more times than allowed: most likely a loop. Not retried.
+    #[error("{url}: too many redirects (a loop?): {message}")]
+    Redirect { url: String, message: String },
 }
 
 fn plural(n: u32) -> &'static str {

@@ -14,6 +14,9 @@ pub enum Failure {
     Timeout,
     /// A complete response with this error status.
     Status(u16),
+    /// Something no retry can fix: a response over the size limit, a redirect loop, a request
+    /// that cannot be built.
+    Fatal,
 }
 
 /// When and how long to wait before trying a failed request again.
@@ -68,6 +71,7 @@ impl RetryPolicy {
             Failure::Connect | Failure::Transport => self.retry_connect,
             Failure::Timeout => self.retry_timeouts,
             Failure::Status(status) => self.retry_statuses.contains(&status),
+            Failure::Fatal => false,
         }
     }
 
@@ -185,6 +189,7 @@ mod tests {
         assert!(p.next_delay(0, Failure::Status(503), None, 0.0).is_some());
         assert!(p.next_delay(0, Failure::Status(429), None, 0.0).is_some());
         assert!(p.next_delay(0, Failure::Timeout, None, 0.0).is_none());
+        assert!(p.next_delay(0, Failure::Fatal, None, 0.0).is_none());
         for status in [400, 401, 404, 413, 500, 502] {
             assert!(p
                 .next_delay(0, Failure::Status(status), None, 0.0)

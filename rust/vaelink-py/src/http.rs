@@ -81,6 +81,10 @@ fn to_py(py: Python<'_>, error: HttpError) -> PyErr {
             let text = format!("the response exceeds {limit} bytes");
             ("too_large", text, None, Some(url), None, 1)
         }
+        HttpError::Redirect { url, message } => {
+            let text = format!("too many redirects (a loop?): {message}");
+            ("redirect", text, None, Some(url), None, 1)
+        }
         error @ HttpError::InvalidUrl { .. } => {
             ("invalid_url", error.to_string(), None, None, None, 1)
         }
@@ -183,8 +187,13 @@ impl HttpClient {
 
     /// Sends one request; returns `(status, headers, body)` for a 2xx answer (header names lower
     /// case, repeated ones joined with ", "; the body a `bytearray`), raises `vaelink.errors.Remote*`
-    /// otherwise. `token` is sent as `Authorization: Bearer <token>`.
-    #[pyo3(signature = (method, url, query = Vec::new(), headers = Vec::new(), body = None, token = None))]
+    /// otherwise. `token` is sent as `Authorization: Bearer <token>`. `timeout`: seconds the whole
+    /// call may take, every attempt and wait included (0: none left, nothing is sent).
+    /// `max_response_bytes`: a lower limit than the client's for this response body.
+    #[pyo3(signature = (
+        method, url, query = Vec::new(), headers = Vec::new(), body = None, token = None,
+        *, timeout = None, max_response_bytes = None,
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn request<'py>(
         &self,
@@ -195,6 +204,8 @@ impl HttpClient {
         headers: Vec<(String, String)>,
         body: Option<PyBackedBytes>,
         token: Option<String>,
+        timeout: Option<f64>,
+        max_response_bytes: Option<u64>,
     ) -> PyResult<(u16, Bound<'py, PyDict>, Bound<'py, PyByteArray>)> {
         let method = match method.to_ascii_uppercase().as_str() {
             "GET" => Method::Get,
@@ -213,6 +224,12 @@ impl HttpClient {
             // The Python bytes object itself backs the body: no copy.
             body: body.map(Bytes::from_owner).unwrap_or_default(),
             token,
+            deadline: None,
+            max_response_bytes,
+        };
+        let request = match optional_seconds("timeout", timeout)? {
+            Some(timeout) => request.timeout(timeout),
+            None => request,
         };
         let mut pending = self.client.start(request);
         let outcome = loop {
