@@ -6,6 +6,12 @@
 Weights are seeded random at the real SD-family architecture (128/256/512/512, 4 latent channels);
 speed does not depend on the weights' values. Results: benches/results/engine-<device>-<machine>.json.
 On CUDA it also records peak memory and a tiled 4096 x 4096 decode.
+
+    python benches/bench_engine.py --exact medium:1024:512   # exact tiling vs untiled, CONFIG:SIZE:TILE
+
+Exact tiling (`vaelink.exact`) against the untiled engine on the same engine and inputs: A/B runs
+interleaved (so drift from other load hits both), medians, time per pixel and the largest relative
+difference. Results: benches/results/engine-exact-<device>-<machine>.json.
 """
 
 from __future__ import annotations
@@ -164,10 +170,59 @@ def tiled_decode(folder: Path, size: int, reference_size: int) -> dict[str, floa
     }
 
 
+def exact_tiling(config: str, size: int, tile: int, folder: Path, reps: int) -> dict[str, Any]:
+    """Exact-tiled vs untiled encode and decode, interleaved A/B repetitions, medians."""
+    import statistics
+
+    from vaelink.cards import get_card
+    from vaelink.engine import Engine
+    from vaelink.export import export_vae
+
+    export = export_vae(build_vae(config), get_card("sd15"), folder / config, variants=("float32",))
+    engine = Engine(export, provider="cpu", tile_size=tile)
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    row: dict[str, Any] = {"config": config, "size": size, "tile": tile, "reps": reps}
+    for part, run in (
+        ("encode", lambda **kw: engine.encode(image, **kw)),
+        ("decode", lambda **kw: engine.decode(latents, output="float", **kw)),
+    ):
+        times: dict[str, list[float]] = {"untiled": [], "exact": []}
+        kwargs = {"untiled": {"tile": False}, "exact": {"tile": True, "tiling": "exact"}}
+        results = {mode: run(**kw) for mode, kw in kwargs.items()}  # warm-up, and the outputs
+        for i in range(reps):
+            order = ["untiled", "exact"] if i % 2 == 0 else ["exact", "untiled"]
+            for mode in order:
+                t0 = time.perf_counter()
+                run(**kwargs[mode])
+                times[mode].append(time.perf_counter() - t0)
+        untiled, exact = (statistics.median(times[m]) for m in ("untiled", "exact"))
+        diff = np.abs(results["exact"] - results["untiled"]).max()
+        row[part] = {
+            "untiled_s": untiled,
+            "exact_s": exact,
+            "exact_vs_untiled_time": exact / untiled,
+            "max_abs_diff_rel": float(diff / np.abs(results["untiled"]).max()),
+        }
+        print(config, size, tile, part, row[part], flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--exact", metavar="CONFIG:SIZE:TILE", action="append")
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    if args.exact:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for spec in args.exact:
+                config, size, tile = spec.split(":")
+                rows.append(exact_tiling(config, int(size), int(tile), Path(tmp), args.reps))
+        print(f"wrote {write_results('engine-exact-cpu', {'device': 'cpu', 'exact': rows})}")
+        return
     if args.device == "cuda":
         plan = {"sd": [512, 1024, 2048]}
     else:

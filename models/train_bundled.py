@@ -7,7 +7,7 @@ package (python/vaelink/models/vaelink-tiny/), so that vaelink works offline out
 The model is an AutoencoderTiny-style (TAESD-family) autoencoder: spatial factor 8, 16 latent
 channels (like taesd3 / taef1), 32-wide conv blocks. Training data: openly licensed photos shipped
 inside scikit-image (colour photos drawn three times as often as gray ones), random crops with
-flips and colour jitter; `chelsea` and `rocket` are held out.
+flips and colour jitter (models/skimage_photos.py); `chelsea` and `rocket` are held out.
 Loss: mean squared error plus 0.1 x L1 on pixels in [-1, 1].
 """
 
@@ -22,48 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny
-from PIL import Image
-from skimage import data
+from skimage_photos import HELD_OUT, TRAIN, augment, training_photos
 
 from vaelink.cards import get_card
 from vaelink.export import export_vae
 
-COLOUR = [
-    "astronaut",
-    "coffee",
-    "motorcycle_left",
-    "motorcycle_right",
-    "retina",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "colorwheel",
-    "logo",
-]
-GRAY = ["camera", "moon", "coins", "brick", "grass", "gravel", "page", "cell"]
-TRAIN = COLOUR + GRAY
-COLOUR_WEIGHT = 3  # colour photos are drawn three times as often as gray ones
-HELD_OUT = ["chelsea", "rocket"]
 PACKAGE_EXPORT = (
     Path(__file__).resolve().parents[1] / "python" / "vaelink" / "models" / "vaelink-tiny"
 )
-
-
-def load_photo(name: str) -> np.ndarray:
-    """A scikit-image sample as uint8 RGB (gray replicated, alpha dropped)."""
-    if name == "motorcycle_left":
-        image = data.stereo_motorcycle()[0]
-    elif name == "motorcycle_right":
-        image = data.stereo_motorcycle()[1]
-    else:
-        image = getattr(data, name)()
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.dtype != np.uint8:
-        image = (255 * (image - image.min()) / max(1e-8, np.ptp(image))).astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 def build_model() -> AutoencoderTiny:
@@ -77,25 +43,6 @@ def build_model() -> AutoencoderTiny:
     )
 
 
-def augment(image: np.ndarray, crop: int, rng: random.Random) -> np.ndarray:
-    """Random rescale, crop, flip and colour jitter -> float32 CHW in [-1, 1]."""
-    h, w = image.shape[:2]
-    scale = rng.uniform(max(crop / min(h, w), 0.35), 1.0)
-    size = (max(crop, round(w * scale)), max(crop, round(h * scale)))
-    img = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC), np.float32) / 255
-    y, x = rng.randrange(img.shape[0] - crop + 1), rng.randrange(img.shape[1] - crop + 1)
-    img = img[y : y + crop, x : x + crop]
-    if rng.random() < 0.5:
-        img = img[:, ::-1]
-    gray = img.mean(axis=2, keepdims=True)
-    img = gray + (img - gray) * rng.uniform(0.8, 1.2)  # saturation
-    img = (
-        (img - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.08, 0.08)
-    )  # contrast, brightness
-    img = np.clip(img, 0, 1)
-    return np.ascontiguousarray((img * 2 - 1).transpose(2, 0, 1))
-
-
 def train(
     steps: int, batch: int, crop: int, lr: float, log_every: int
 ) -> tuple[AutoencoderTiny, dict]:
@@ -103,7 +50,7 @@ def train(
     np.random.seed(0)
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    photos = [load_photo(name) for name in COLOUR] * COLOUR_WEIGHT + [load_photo(n) for n in GRAY]
+    photos = training_photos()
     model = build_model().train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -59,8 +59,16 @@ def test_manifest(model: ef.Exported) -> None:
     assert config["full_res_channels"] == 8
     assert config["attention"] is model.card.has_posterior  # AutoencoderKL's mid-block attention
     assert sorted(p.name for p in model.folder.iterdir()) == sorted(
-        [MANIFEST] + [f"{part}-{v}.onnx" for v in ("float32", "float16") for part in parts]
+        [MANIFEST]
+        + [f"{part}-{v}.onnx" for v in ("float32", "float16") for part in parts]
+        + (["segments"] if model.card.has_posterior else [])  # exact tiling's (tests/test_exact.py)
     )
+    segments = data.get("segments", {})
+    assert set(segments) == ({"encoder", "decoder"} if model.card.has_posterior else set())
+    for steps in segments.values():
+        for step in (s for s in steps if "file" in s):
+            content = (model.folder / step["file"]).read_bytes()
+            assert step["sha256"] == hashlib.sha256(content).hexdigest()
     assert read_manifest(model.folder).card == model.card
 
 

@@ -6,6 +6,7 @@ No torch at run time; torch tensors are accepted and returned when given (bound 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,15 @@ from .batches import (
 )
 from .cards import DEFAULT_MODEL, ModelCard, Scaling
 from .errors import CorruptExportError, EngineError, NonFiniteOutputError, TensorError
+from .exact import ExactProgram
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
-from .frameworks import Array, array_namespace, is_torch, torch
+from .frameworks import Array, array_namespace, is_torch, to_torch, torch
 from .tiling import TileGrid, check_cancelled, run_tiled
 
 __all__ = ["Engine", "MemoryModel", "Provider"]
 
 Provider = Literal["auto", "cpu", "cuda"]
+Tiling = Literal["exact", "blended"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
@@ -130,6 +133,7 @@ class Engine:
             spatial_factor=self.card.spatial_factor,
         )
         self._sessions: dict[tuple[str, str], Any] = {}
+        self._noted_blended = False
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -144,21 +148,31 @@ class Engine:
     def _session(self, part: str, dtype: str) -> Any:
         key = (part, self._variant(dtype))
         if key not in self._sessions:
-            ort = _ort()
-            path = self.folder / self.manifest.variants[key[1]][part]["file"]
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            providers: list[Any] = ["CPUExecutionProvider"]
-            if self.provider == "cuda":
-                cuda = {"arena_extend_strategy": "kSameAsRequested"}
-                if self.memory_limit:
-                    cuda["gpu_mem_limit"] = str(self.memory_limit)
-                providers.insert(0, ("CUDAExecutionProvider", cuda))
-            try:
-                self._sessions[key] = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise EngineError(f"cannot load {path}: {e}") from e
+            self._sessions[key] = self._open(
+                self.folder / self.manifest.variants[key[1]][part]["file"]
+            )
         return self._sessions[key]
+
+    def _segment_session(self, file: str) -> Any:
+        key = ("segment", file)
+        if key not in self._sessions:
+            self._sessions[key] = self._open(self.folder / file)
+        return self._sessions[key]
+
+    def _open(self, path: Path) -> Any:
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            cuda = {"arena_extend_strategy": "kSameAsRequested"}
+            if self.memory_limit:
+                cuda["gpu_mem_limit"] = str(self.memory_limit)
+            providers.insert(0, ("CUDAExecutionProvider", cuda))
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"cannot load {path}: {e}") from e
 
     def _run_graph(self, part: str, x: Any) -> Any:
         """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
@@ -263,10 +277,19 @@ class Engine:
         tile: bool | None,
         grid: TileGrid,
         cancel: threading.Event | None,
+        tiling: Tiling | None = None,
     ) -> Array:
         plan = self._plan(height, width, tile, grid)
         run: Callable[[Array], Array] = lambda t: self._run_graph(part, t)  # noqa: E731
-        if plan is not None:
+        # One tile covering the image is the whole graph: exact already, and faster than segments.
+        one_tile = max(height, width) <= self._tile_px()
+        if (
+            plan is not None
+            and not one_tile
+            and self._tiling(part, tiling, height, width) == "exact"
+        ):
+            pieces = [self._run_exact(part, x[i : i + 1], height, cancel) for i in range(len(x))]
+        elif plan is not None:
             pieces = [run_tiled(run, x[i : i + 1], plan, cancel) for i in range(len(x))]
         else:
             pieces = []
@@ -274,6 +297,41 @@ class Engine:
                 check_cancelled(cancel)
                 pieces.append(run(x[s]))
         return pieces[0] if len(pieces) == 1 else array_namespace(x).concatenate(pieces)
+
+    def _tiling(self, part: str, tiling: Tiling | None, height: int, width: int) -> Tiling:
+        """Exact when asked, or by default when the export has segments and the host maps exact
+        tiling keeps (a few full-resolution maps, float32) fit the budget; else blended."""
+        if tiling not in (None, "exact", "blended"):
+            raise EngineError(f"unknown tiling {tiling!r}; expected exact, blended or None")
+        if tiling == "blended":
+            return "blended"
+        if not self.manifest.segments.get(part):
+            if tiling == "exact":
+                raise EngineError(
+                    f"{self.folder} has no segments for exact tiling (a model without "
+                    "normalisation, or exported by an older vaelink); export it again"
+                )
+            if self.memory.attention and not self._noted_blended:
+                self._noted_blended = True
+                warnings.warn(
+                    f"{self.card.name}: this export predates exact tiling; tiles are blended and "
+                    "may shift in colour (export the model again for exact tiling)",
+                    stacklevel=4,
+                )
+            return "blended"
+        host = 4 * 4 * self.memory.full_res_channels * height * width
+        budget = available_memory() // 2 if self.provider == "cuda" else self._budget()
+        return "exact" if tiling == "exact" or host <= budget else "blended"
+
+    def _run_exact(self, part: str, x: Array, height: int, cancel: threading.Event | None) -> Array:
+        """One image through the segments; maps live on the host, tiles go to the runtime."""
+        program = ExactProgram(self.manifest.segments[part], self._segment_session)
+        xp_input = np.asarray(x.detach().cpu().numpy() if is_torch(x) else x, np.float32)
+        # `height` is the image's in pixels for both parts: tiles scale to each step's resolution.
+        out = program.run(xp_input, self._tile_px(), height, cancel)
+        if not np.isfinite(out).all():
+            raise NonFiniteOutputError(f"{self.card.name} {part} output contains NaN or infinity")
+        return to_torch(out, x) if is_torch(x) else out
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -288,6 +346,7 @@ class Engine:
         tile: bool | None = None,
         scaling: Scaling | None = None,
         cancel: threading.Event | None = None,
+        tiling: Tiling | None = None,
     ) -> Any:
         """Images -> scaled latents `[B, C, H/8, W/8]` float32 (a torch tensor when given one).
 
@@ -296,12 +355,16 @@ class Engine:
         posterior mean, or with `sample=True` `mean + std * noise` (noise from `seed`, or given).
         `scaling`: the latents' normalisation (default: the card's). `cancel`: when set (from another
         thread), the call stops before its next tile or batch slice with `OperationCancelledError`.
+        `tiling` (when tiled): `"exact"` - GroupNorm statistics over the whole image and attention
+        over all positions, so tiles equal the untiled pass (AutoencoderKL exports with segments);
+        `"blended"` - tiles run whole and are blended; None - exact where the export allows it and
+        its host maps fit the budget.
         Output that is NaN or infinite raises `NonFiniteOutputError`.
         """
         x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()
         self._check_image_tensor(x)
         grid = TileGrid(self._tile_px(), self._tile_px() // 4, num=1, den=self.card.spatial_factor)
-        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid, cancel)
+        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid, cancel, tiling)
         z = self._posterior(moments, sample, seed, noise)
         return (scaling or self.card.scaling).apply(z)
 
@@ -340,6 +403,7 @@ class Engine:
         tile: bool | None = None,
         scaling: Scaling | None = None,
         cancel: threading.Event | None = None,
+        tiling: Tiling | None = None,
     ) -> Any:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
@@ -353,7 +417,9 @@ class Engine:
         f = self.card.spatial_factor
         tile_latent = self._tile_px() // f
         grid = TileGrid(tile=tile_latent, overlap=tile_latent // 4, num=f, den=1)
-        image = self._apply("decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid, cancel)
+        image = self._apply(
+            "decoder", z, z.shape[2] * f, z.shape[3] * f, tile, grid, cancel, tiling
+        )
         if output == "float":
             return image
         if is_torch(image):

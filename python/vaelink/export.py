@@ -17,6 +17,7 @@ from typing import Any
 
 from .cards import ModelCard, get_card
 from .errors import VaelinkError
+from .export_segments import export_segments, has_segments
 from .exports import MANIFEST, Manifest, export_dir, read_manifest, sha256_file
 
 __all__ = ["VARIANTS", "export_model", "export_vae"]
@@ -176,8 +177,12 @@ def export_vae(
             }
             for variant in variants
         }
+        # Exact tiling's segments: only models that normalise need them.
+        segments = export_segments(vae, work) if has_segments(vae) else {}
         record = {**(source or {}), "config": _memory_config(vae, card)}
-        manifest = Manifest(card=card, variants=files, source=record, exporter=_versions())
+        manifest = Manifest(
+            card=card, variants=files, source=record, exporter=_versions(), segments=segments
+        )
         (work / MANIFEST).write_text(manifest.to_json())
         if output.exists():
             shutil.rmtree(output)

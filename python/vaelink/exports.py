@@ -57,6 +57,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    segments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """part -> the float32 steps of exact tiling (`vaelink.exact`); empty for models without
+    normalisation layers and for exports older than exact tiling."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -73,6 +76,7 @@ class Manifest:
             variants=data["variants"],
             source=data.get("source", {}),
             exporter=data.get("exporter", {}),
+            segments=data.get("segments", {}),
         )
 
 
@@ -100,6 +104,11 @@ def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
                 (folder / info["file"], info["bytes"], info["sha256"])
                 for parts in manifest.variants.values()
                 for info in parts.values()
+            ] + [
+                (folder / step["file"], step["bytes"], step["sha256"])
+                for steps in manifest.segments.values()
+                for step in steps
+                if "file" in step
             ]
         except (AttributeError, KeyError, TypeError) as e:
             raise CorruptExportError(

@@ -1,0 +1,261 @@
+"""Export an AutoencoderKL's encoder and decoder as segments for exact tiling (`vaelink.exact`).
+
+A tiled pass equals the untiled one only if every GroupNorm sees the statistics of the whole image
+and the mid-block attention sees every position. So each graph is cut at its normalisation layers:
+a segment takes its input map and, when it starts with a GroupNorm, the whole-image per-channel mean
+and reciprocal std as graph inputs; the host runs it tile by tile with a halo and reduces the next
+norm's statistics between segments. Between two cuts there is at most one 3x3 convolution, so a
+halo of one sample (two below a 2x upsample) covers the receptive field.
+
+Segments are built directly with `onnx.helper` from the module's weights (no tracing: dozens of
+small graphs export in a second). Needs torch and onnx, like `vaelink.export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .exports import sha256_file
+
+__all__ = ["export_segments", "has_segments"]
+
+OPSET = 17
+
+
+def has_segments(vae: Any) -> bool:
+    """Only AutoencoderKL normalises; models without norms tile well blended."""
+    return hasattr(vae, "encoder") and hasattr(vae.encoder, "conv_norm_out")
+
+
+def _np(t: Any) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().float().numpy())
+
+
+class _Builder:
+    """Collects the steps of one part; each step's ONNX file goes into `folder/segments/`."""
+
+    def __init__(self, part: str, folder: Path) -> None:
+        self.part = part
+        self.folder = folder
+        self.steps: list[dict[str, Any]] = []
+        self.names = 0
+
+    def _buffer(self) -> str:
+        self.names += 1
+        return f"t{self.names}"
+
+    def conv(
+        self,
+        src: str,
+        conv: Any,
+        *,
+        kind: str,
+        norm: Any = None,
+        act: bool = True,
+        res: str | None = None,
+        shortcut: Any = None,
+        out_scale: float = 1.0,
+        weight: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+    ) -> str:
+        """One segment: [GroupNorm(given stats) + affine (+ SiLU)] [2x nearest] conv [+ res]."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        w = _np(conv.weight) if weight is None else weight
+        b = _np(conv.bias) if bias is None else bias
+        if w.ndim == 2:  # a Linear used as a 1x1 conv
+            w = w[:, :, None, None]
+        cin, k = w.shape[1], w.shape[2]
+        dims = ["n", "c", "h", "w"]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", cin, "h", "w"])]
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+        nodes = []
+        h = "x"
+        if norm is not None:
+            inputs += [
+                helper.make_tensor_value_info(s, TensorProto.FLOAT, ["n", cin, 1, 1])
+                for s in ("mean", "rstd")
+            ]
+            inits += [
+                numpy_helper.from_array(_np(norm.weight).reshape(1, cin, 1, 1), "gamma"),
+                numpy_helper.from_array(_np(norm.bias).reshape(1, cin, 1, 1), "beta"),
+            ]
+            nodes += [
+                helper.make_node("Sub", ["x", "mean"], ["centred"]),
+                helper.make_node("Mul", ["centred", "rstd"], ["normed"]),
+                helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+                helper.make_node("Add", ["scaled", "beta"], ["affine"]),
+            ]
+            h = "affine"
+            if act:
+                nodes += [
+                    helper.make_node("Sigmoid", [h], ["gate"]),
+                    helper.make_node("Mul", [h, "gate"], ["act"]),
+                ]
+                h = "act"
+        if kind == "up":
+            inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+            nodes.append(
+                helper.make_node(
+                    "Resize",
+                    [h, "", "scales"],
+                    ["up"],
+                    mode="nearest",
+                    coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor",
+                )
+            )
+            h = "up"
+        # "same"/"up": the graph pads like the model (1 px), the host drops the ring that saw the
+        # tile's edge; "down": the host hands over exactly the rows the stride-2 conv reads.
+        pad = (k - 1) // 2 if kind in ("same", "up", "point") else 0
+        stride = 2 if kind == "down" else 1
+        nodes.append(
+            helper.make_node(
+                "Conv", [h, "W", "B"], ["conv"], pads=[pad] * 4, strides=[stride, stride]
+            )
+        )
+        h = "conv"
+        if res is not None:
+            cres = w.shape[0] if shortcut is None else _np(shortcut.weight).shape[1]
+            inputs.append(
+                helper.make_tensor_value_info("res", TensorProto.FLOAT, ["n", cres, "h2", "w2"])
+            )
+            r = "res"
+            if shortcut is not None:
+                inits += [
+                    numpy_helper.from_array(_np(shortcut.weight), "SW"),
+                    numpy_helper.from_array(_np(shortcut.bias), "SB"),
+                ]
+                nodes.append(helper.make_node("Conv", ["res", "SW", "SB"], ["short"]))
+                r = "short"
+            nodes.append(helper.make_node("Add", [r, h], ["sum"]))
+            h = "sum"
+            if out_scale != 1.0:
+                inits.append(numpy_helper.from_array(np.array(out_scale, np.float32), "oscale"))
+                nodes.append(helper.make_node("Div", [h, "oscale"], ["scaled_out"]))
+                h = "scaled_out"
+        nodes.append(helper.make_node("Identity", [h], ["y"]))
+        output = helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [dims[0], w.shape[0], "H", "W"]
+        )
+        graph = helper.make_graph(nodes, f"{self.part}_{len(self.steps)}", inputs, [output], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
+        path = self.folder / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(model.SerializeToString())
+        out = self._buffer()
+        self.steps.append(
+            {
+                "op": "conv",
+                "kind": kind,
+                "input": src,
+                "output": out,
+                "res": res,
+                "norm": None
+                if norm is None
+                else {"groups": int(norm.num_groups), "eps": float(norm.eps)},
+                "out_channels": int(w.shape[0]),
+                "file": rel,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+        return out
+
+    def resnet(self, src: str, r: Any) -> str:
+        if r.conv_shortcut is not None and r.conv_shortcut.kernel_size != (1, 1):
+            raise NotImplementedError("3x3 resnet shortcuts are not segmented")
+        h = self.conv(src, r.conv1, kind="same", norm=r.norm1)
+        return self.conv(
+            h,
+            r.conv2,
+            kind="same",
+            norm=r.norm2,
+            res=src,
+            shortcut=r.conv_shortcut,
+            out_scale=float(r.output_scale_factor),
+        )
+
+    def attention(self, src: str, attn: Any) -> str:
+        w = np.concatenate([_np(m.weight) for m in (attn.to_q, attn.to_k, attn.to_v)])
+        b = np.concatenate([_np(m.bias) for m in (attn.to_q, attn.to_k, attn.to_v)])
+        qkv = self.conv(
+            src, attn.to_q, kind="point", norm=attn.group_norm, act=False, weight=w, bias=b
+        )
+        heads = int(attn.heads)
+        out = self._buffer()
+        # F.scaled_dot_product_attention's default scale (diffusers' processor passes none).
+        head_dim = w.shape[0] // 3 // heads
+        self.steps.append(
+            {"op": "attend", "input": qkv, "output": out, "heads": heads, "scale": head_dim**-0.5}
+        )
+        if not attn.residual_connection:
+            raise NotImplementedError("attention without a residual connection")
+        return self.conv(
+            out,
+            attn.to_out[0],
+            kind="point",
+            res=src,
+            out_scale=float(attn.rescale_output_factor),
+        )
+
+    def mid(self, src: str, mid: Any) -> str:
+        h = self.resnet(src, mid.resnets[0])
+        for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
+            if attn is not None:
+                h = self.attention(h, attn)
+            h = self.resnet(h, resnet)
+        return h
+
+
+def _check_plain(vae: Any) -> None:
+    for module in vae.modules():
+        name = type(module).__name__
+        if name == "Attention" and (
+            module.spatial_norm is not None
+            or module.norm_q is not None
+            or module.only_cross_attention
+        ):
+            raise NotImplementedError("attention variants are not segmented")
+        if name == "ResnetBlock2D" and (module.upsample or module.downsample):
+            raise NotImplementedError("resampling resnets are not segmented")
+
+
+def export_segments(vae: Any, folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Writes `folder/segments/*.onnx` and returns the programs: part -> steps (`vaelink.exact`)."""
+    _check_plain(vae)
+    enc = _Builder("encoder", folder)
+    h = enc.conv("x", vae.encoder.conv_in, kind="same")
+    for block in vae.encoder.down_blocks:
+        for r in block.resnets:
+            h = enc.resnet(h, r)
+        for d in block.downsamplers or []:
+            if d.padding != 0 or d.conv.stride != (2, 2):
+                raise NotImplementedError("only diffusers' asymmetric-pad downsampler")
+            h = enc.conv(h, d.conv, kind="down")
+    h = enc.mid(h, vae.encoder.mid_block)
+    h = enc.conv(h, vae.encoder.conv_out, kind="same", norm=vae.encoder.conv_norm_out)
+    if getattr(vae, "quant_conv", None) is not None:
+        enc.conv(h, vae.quant_conv, kind="point")
+
+    dec = _Builder("decoder", folder)
+    h = "x"
+    if getattr(vae, "post_quant_conv", None) is not None:
+        h = dec.conv(h, vae.post_quant_conv, kind="point")
+    h = dec.conv(h, vae.decoder.conv_in, kind="same")
+    h = dec.mid(h, vae.decoder.mid_block)
+    for block in vae.decoder.up_blocks:
+        for r in block.resnets:
+            h = dec.resnet(h, r)
+        for u in block.upsamplers or []:
+            if u.conv is None or u.interpolate is False or u.use_conv_transpose:
+                raise NotImplementedError("only nearest 2x upsampling followed by a conv")
+            dec.conv(h, u.conv, kind="up")
+            h = dec.steps[-1]["output"]
+    dec.conv(h, vae.decoder.conv_out, kind="same", norm=vae.decoder.conv_norm_out)
+    return {"encoder": enc.steps, "decoder": dec.steps}
