@@ -376,10 +376,13 @@ def test_small_memory_limit_slices_the_batch(
 def test_images_over_the_memory_limit_are_tiled(
     sd15: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Blended, so that tiles are whole-graph runs to count (with segments and no room for exact's
+    # host maps the default mode is fast: tests/test_fast_tiling.py).
     engine = sd15.engine(memory_limit=1, tile_size=32)
-    tiled = engine.encode(images, tile=True)
+    tiled = engine.encode(images, tile=True, tiling="blended")
     spy = Spy(monkeypatch)
-    np.testing.assert_array_equal(engine.encode(images), tiled)  # tile=None: too big, so tiled
+    # tile=None: too big, so tiled
+    np.testing.assert_array_equal(engine.encode(images, tiling="blended"), tiled)
     grid = TileGrid(tile=32, overlap=8, num=1, den=2)
     assert len(spy.calls) == 2 * grid.count(SIZE, SIZE) == 2 * 9
     assert {shape for _, _, shape in spy.calls} == {(1, 3, 32, 32)}

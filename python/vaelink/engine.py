@@ -26,7 +26,7 @@ from .batches import (
 )
 from .cards import DEFAULT_MODEL, ModelCard, Scaling
 from .errors import CorruptExportError, EngineError, NonFiniteOutputError, TensorError
-from .exact import ExactProgram
+from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, to_torch, torch
 from .tiling import TileGrid, check_cancelled, run_tiled
@@ -34,7 +34,7 @@ from .tiling import TileGrid, check_cancelled, run_tiled
 __all__ = ["Engine", "MemoryModel", "Provider"]
 
 Provider = Literal["auto", "cpu", "cuda"]
-Tiling = Literal["exact", "blended"]
+Tiling = Literal["exact", "fast", "blended"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
@@ -283,12 +283,11 @@ class Engine:
         run: Callable[[Array], Array] = lambda t: self._run_graph(part, t)  # noqa: E731
         # One tile covering the image is the whole graph: exact already, and faster than segments.
         one_tile = max(height, width) <= self._tile_px()
-        if (
-            plan is not None
-            and not one_tile
-            and self._tiling(part, tiling, height, width) == "exact"
-        ):
+        mode = self._tiling(part, tiling, height, width) if plan is not None else None
+        if plan is not None and not one_tile and mode == "exact":
             pieces = [self._run_exact(part, x[i : i + 1], height, cancel) for i in range(len(x))]
+        elif plan is not None and not one_tile and mode == "fast":
+            pieces = [self._run_fast(part, x[i : i + 1], plan, cancel) for i in range(len(x))]
         elif plan is not None:
             pieces = [run_tiled(run, x[i : i + 1], plan, cancel) for i in range(len(x))]
         else:
@@ -299,16 +298,17 @@ class Engine:
         return pieces[0] if len(pieces) == 1 else array_namespace(x).concatenate(pieces)
 
     def _tiling(self, part: str, tiling: Tiling | None, height: int, width: int) -> Tiling:
-        """Exact when asked, or by default when the export has segments and the host maps exact
-        tiling keeps (a few full-resolution maps, float32) fit the budget; else blended."""
-        if tiling not in (None, "exact", "blended"):
-            raise EngineError(f"unknown tiling {tiling!r}; expected exact, blended or None")
+        """Exact or fast when asked; by default, when the export has segments, exact if the host
+        maps exact tiling keeps (a few full-resolution maps, float32) fit the budget, else fast
+        (statistics from a downscaled pass, nothing full-resolution kept); blended otherwise."""
+        if tiling not in (None, "exact", "fast", "blended"):
+            raise EngineError(f"unknown tiling {tiling!r}; expected exact, fast, blended or None")
         if tiling == "blended":
             return "blended"
         if not self.manifest.segments.get(part):
-            if tiling == "exact":
+            if tiling in ("exact", "fast"):
                 raise EngineError(
-                    f"{self.folder} has no segments for exact tiling (a model without "
+                    f"{self.folder} has no segments for {tiling} tiling (a model without "
                     "normalisation, or exported by an older vaelink); export it again"
                 )
             if self.memory.attention and not self._noted_blended:
@@ -321,7 +321,9 @@ class Engine:
             return "blended"
         host = 4 * 4 * self.memory.full_res_channels * height * width
         budget = available_memory() // 2 if self.provider == "cuda" else self._budget()
-        return "exact" if tiling == "exact" or host <= budget else "blended"
+        if tiling == "fast":
+            return "fast"
+        return "exact" if tiling == "exact" or host <= budget else "fast"
 
     def _run_exact(self, part: str, x: Array, height: int, cancel: threading.Event | None) -> Array:
         """One image through the segments; maps live on the host, tiles go to the runtime."""
@@ -329,6 +331,18 @@ class Engine:
         xp_input = np.asarray(x.detach().cpu().numpy() if is_torch(x) else x, np.float32)
         # `height` is the image's in pixels for both parts: tiles scale to each step's resolution.
         out = program.run(xp_input, self._tile_px(), height, cancel)
+        if not np.isfinite(out).all():
+            raise NonFiniteOutputError(f"{self.card.name} {part} output contains NaN or infinity")
+        return to_torch(out, x) if is_torch(x) else out
+
+    def _run_fast(
+        self, part: str, x: Array, grid: TileGrid, cancel: threading.Event | None
+    ) -> Array:
+        """One image through the segments, tile by tile with statistics from a downscaled pass."""
+        program = ExactProgram(self.manifest.segments[part], self._segment_session)
+        xp_input = np.asarray(x.detach().cpu().numpy() if is_torch(x) else x, np.float32)
+        align = self.card.spatial_factor if part == "encoder" else 1
+        out = run_fast(program, xp_input, grid, align, cancel)
         if not np.isfinite(out).all():
             raise NonFiniteOutputError(f"{self.card.name} {part} output contains NaN or infinity")
         return to_torch(out, x) if is_torch(x) else out
@@ -357,8 +371,10 @@ class Engine:
         thread), the call stops before its next tile or batch slice with `OperationCancelledError`.
         `tiling` (when tiled): `"exact"` - GroupNorm statistics over the whole image and attention
         over all positions, so tiles equal the untiled pass (AutoencoderKL exports with segments);
-        `"blended"` - tiles run whole and are blended; None - exact where the export allows it and
-        its host maps fit the budget.
+        `"fast"` - GroupNorm statistics from a downscaled pass of the whole image, then tiles run
+        with them (attention within the tile) and are blended: close to untiled, no full-size maps
+        kept; `"blended"` - tiles run whole and are blended; None - exact where the export allows
+        it and its host maps fit the budget, else fast (blended for exports without segments).
         Output that is NaN or infinite raises `NonFiniteOutputError`.
         """
         x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()

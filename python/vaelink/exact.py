@@ -6,7 +6,14 @@ convolution step runs its ONNX segment on each output tile's input region plus t
 and keeps the tile's core; a step that starts with a GroupNorm first reduces that norm's per-group
 mean and variance over the whole map (float64 on the host) and hands them to every tile. The
 mid-block attention runs on the host over all positions at latent resolution, query block by query
-block (scores are `block x N`, never `N x N`). Only a tile and its halo ever go to the runtime."""
+block (scores are `block x N`, never `N x N`). Only a tile and its halo ever go to the runtime.
+
+Fast tiling (`run_fast`, the idea of the "Tiled VAE" extension) trades exactness for memory and
+time: the chain runs once, untiled, on an area-downscaled copy of the input (its longer side about
+one tile, each channel's mean and std kept), recording every norm's statistics; then each tile runs through the whole chain on its own
+with those fixed statistics and the tiles are blended with `tiling.run_tiled`'s linear ramps. No
+full-resolution activation map is ever held, and the mid-block attention stays within the tile (as
+in diffusers' tiling), so results are close to, not equal to, the untiled pass."""
 
 from __future__ import annotations
 
@@ -16,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .tiling import check_cancelled
+from .tiling import TileGrid, check_cancelled, run_tiled
 
-__all__ = ["ExactProgram", "group_stats"]
+__all__ = ["ExactProgram", "area_downscale", "group_stats", "run_fast"]
+
+Stats = tuple[np.ndarray, np.ndarray]
+WHOLE = 1 << 30  # a core tile larger than any map: each step runs once over the whole input
 
 SCORE_ELEMENTS = 1 << 24  # attention scores per query block: 64 MiB of float32
 
@@ -96,18 +106,30 @@ class ExactProgram:
         tile: int,
         reference: int,
         cancel: threading.Event | None = None,
+        *,
+        stats: Sequence[Stats] | None = None,
+        record: list[Stats] | None = None,
     ) -> np.ndarray:
         """`tile`: the core tile's side in samples at the resolution `reference` (the image's
-        height in pixels); each step's tiles scale with its own resolution."""
+        height in pixels); each step's tiles scale with its own resolution. `stats`: each norm
+        step's mean and rstd, in order, used instead of reducing the map's own (fast tiling);
+        `record`: a list that receives the statistics each norm step used."""
         maps: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x, dtype=np.float32)}
         out = maps["x"]
+        norms = 0
         for i, step in enumerate(self.steps):
             src = maps[step["input"]]
             if step["op"] == "attend":
                 out = self._attend(src, step, cancel)
             else:
+                given: Stats | None = None
+                if step.get("norm"):
+                    given = stats[norms] if stats is not None else group_stats(src, **step["norm"])
+                    norms += 1
+                    if record is not None:
+                        record.append(given)
                 res = maps[step["res"]] if step.get("res") else None
-                out = self._conv(src, res, step, tile, reference, cancel)
+                out = self._conv(src, res, step, tile, reference, cancel, given)
             maps[step["output"]] = out
             for key in ("input", "res"):
                 name = step.get(key)
@@ -123,14 +145,15 @@ class ExactProgram:
         tile: int,
         reference: int,
         cancel: threading.Event | None,
+        stats: Stats | None = None,
     ) -> np.ndarray:
         kind = step["kind"]
         n, _, h, w = src.shape
         oh, ow = _out_size(kind, h), _out_size(kind, w)
         out = np.empty((n, step["out_channels"], oh, ow), np.float32)
         feed: dict[str, np.ndarray] = {}
-        if step.get("norm"):
-            feed["mean"], feed["rstd"] = group_stats(src, **step["norm"])
+        if stats is not None:
+            feed["mean"], feed["rstd"] = stats
         session = self.session(step["file"])
         core = max(1, tile * oh // reference)
         for y0, y1 in _cores(oh, core):
@@ -174,3 +197,55 @@ class ExactProgram:
                     scores /= scores.sum(axis=1, keepdims=True)
                     out[i, head, :, s : s + block] = (scores @ v.T).T
         return out.reshape(n, c, h, w)
+
+
+def _area_matrix(size: int, out: int) -> np.ndarray:
+    """`[out, size]` weights of area averaging: output sample i covers input `[i, i + 1) * size /
+    out`, each input sample weighted by the length of it inside that span."""
+    edges = np.arange(out + 1, dtype=np.float64) * size / out
+    left = np.arange(size, dtype=np.float64)
+    overlap = np.minimum(edges[1:, None], left[None, :] + 1) - np.maximum(edges[:-1, None], left)
+    weights: np.ndarray = np.clip(overlap, 0, None) * out / size
+    return weights.astype(np.float32)
+
+
+def area_downscale(x: np.ndarray, longest: int, align: int = 1) -> np.ndarray:
+    """`x` `[N, C, H, W]` area-averaged so that its longer side is about `longest`, sides rounded
+    to multiples of `align` (the encoder's spatial factor); never upscaled."""
+    _, _, h, w = x.shape
+    scale = min(1.0, longest / max(h, w))
+    oh = min(h, max(align, round(h * scale / align) * align))
+    ow = min(w, max(align, round(w * scale / align) * align))
+    if (oh, ow) == (h, w):
+        return np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = _area_matrix(h, oh), _area_matrix(w, ow)
+    return np.ascontiguousarray(rows @ x.astype(np.float32) @ cols.T)
+
+
+def run_fast(
+    program: ExactProgram,
+    x: np.ndarray,
+    grid: TileGrid,
+    align: int,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """Fast tiling of one part over `x` `[1, C, H, W]`: statistics from a downscaled pass whose
+    longer side is one tile of `grid` (`align`: the sides' multiple, the spatial factor when
+    encoding), then `grid`'s tiles run independently with them and are blended."""
+    stats: list[Stats] = []
+    check_cancelled(cancel)
+    small = area_downscale(x, grid.tile, align)
+    # Averaging smooths the input (latents above all), lowering its variance and so shifting every
+    # later norm's statistics; restoring each channel's full-size mean and std undoes most of that
+    # (kl-small, latents pooled 4x: 23.5 dB against untiled without this, 35.6 dB with it).
+    axes = (2, 3)
+    spread = small.std(axis=axes, keepdims=True)
+    small = (small - small.mean(axis=axes, keepdims=True)) / np.maximum(spread, 1e-6)
+    small = small * x.std(axis=axes, keepdims=True) + x.mean(axis=axes, keepdims=True)
+    program.run(np.ascontiguousarray(small, np.float32), WHOLE, 1, cancel, record=stats)
+
+    def tile(t: np.ndarray) -> np.ndarray:
+        return program.run(t, WHOLE, 1, cancel, stats=stats)
+
+    out: np.ndarray = run_tiled(tile, x, grid, cancel)
+    return out
