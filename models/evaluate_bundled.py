@@ -21,18 +21,10 @@ from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 from common import write_results
+from skimage_photos import square
 
 from vaelink.demo import psnr
 from vaelink.engine import Engine
-
-
-def square(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    side = min(h, w)
-    crop = image[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
-    return np.asarray(
-        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
-    )
 
 
 def photos() -> dict[str, np.ndarray]:

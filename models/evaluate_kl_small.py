@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from skimage_photos import HELD_OUT, load_photo
+from skimage_photos import HELD_OUT, load_photo, square
 
 from vaelink.cards import ModelCard
 from vaelink.engine import Engine
@@ -41,15 +41,6 @@ from vaelink.export import export_vae
 HERE = Path(__file__).resolve().parent
 TILE = 256
 AMPLIFY = 4
-
-
-def square(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    side = min(h, w)
-    crop = image[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
-    return np.asarray(
-        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
-    )
 
 
 def multiple_of_8(image: np.ndarray) -> np.ndarray:

@@ -67,3 +67,13 @@ def augment(image: np.ndarray, crop: int, rng: random.Random) -> np.ndarray:
     )  # contrast, brightness
     img = np.clip(img, 0, 1)
     return np.ascontiguousarray((img * 2 - 1).transpose(2, 0, 1))
+
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre square crop, resized (Lanczos) to size x size."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    crop = image[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
+    )

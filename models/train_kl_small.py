@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
-from skimage_photos import HELD_OUT, TRAIN, augment, load_photo, training_photos
+from skimage_photos import HELD_OUT, TRAIN, augment, load_photo, square, training_photos
 
 OUTPUT = Path(__file__).resolve().parent / "kl-small"
 BLOCKS = (16, 32, 64, 64)
@@ -52,16 +51,6 @@ def build_model() -> AutoencoderKL:
         latent_channels=4,
         sample_size=256,
         mid_block_add_attention=True,
-    )
-
-
-def square(image: np.ndarray, size: int) -> np.ndarray:
-    """Centre square crop, resized (Lanczos) to size x size."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    crop = image[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
-    return np.asarray(
-        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
     )
 
 
