@@ -12,11 +12,23 @@ On CUDA it also records peak memory and a tiled 4096 x 4096 decode.
 Exact tiling (`vaelink.exact`) against the untiled engine on the same engine and inputs: A/B runs
 interleaved (so drift from other load hits both), medians, time per pixel and the largest relative
 difference. Results: benches/results/engine-exact-<device>-<machine>.json.
+
+    python benches/bench_engine.py --tiling medium:1024:512 --reps 3   # every tiling mode
+
+Untiled, exact-, fast- and blended-tiled vaelink and diffusers' `vae.enable_tiling()` (same weights,
+torch on the CPU with ONNX Runtime's thread count), encode and decode, repetitions interleaved
+(A, B, C, ... rotated each round), medians, time per pixel and its ratio to untiled, each mode's
+error against untiled (largest difference / largest magnitude; PSNR of the uint8 decode), and the
+peak memory of one call in a fresh subprocess per mode (VmHWM after resetting it, less VmRSS before
+the call). Results: benches/results/engine-tiling-<machine>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -209,12 +221,168 @@ def exact_tiling(config: str, size: int, tile: int, folder: Path, reps: int) -> 
     return row
 
 
+TILING_MODES = ("untiled", "exact", "fast", "blended", "diffusers_tiled")
+
+
+def tiling_setup(config: str, size: int, tile: int, folder: Path, mode: str) -> Any:
+    """The callables for `mode`'s encode and decode (inputs seeded by `size`) and the export."""
+    import torch
+
+    from vaelink.cards import get_card
+    from vaelink.engine import Engine
+    from vaelink.export import export_vae
+
+    card = get_card("sd15")
+    export = folder / config
+    if not (export / "manifest.json").exists():
+        export = export_vae(build_vae(config), card, export, variants=("float32",))
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    if mode == "diffusers_tiled":
+        torch.set_num_threads(os.cpu_count() or 1)
+        vae = build_vae(config)
+        vae.enable_tiling()
+        # The same tiles as vaelink's: `tile` pixels, a quarter overlap (diffusers' default).
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // 8
+        x = torch.from_numpy(2 * image.astype(np.float32) / 255 - 1).permute(0, 3, 1, 2)
+        z = torch.from_numpy(latents / card.scaling_factor)
+
+        def encode() -> np.ndarray:
+            with torch.no_grad():
+                return vae.encode(x).latent_dist.mean.numpy() * card.scaling_factor
+
+        def decode() -> np.ndarray:
+            with torch.no_grad():
+                return vae.decode(z).sample.numpy()
+
+        return encode, decode
+    engine = Engine(export, provider="cpu", tile_size=tile)
+    kw: dict[str, Any] = {"tile": False} if mode == "untiled" else {"tile": True, "tiling": mode}
+    return (
+        lambda: engine.encode(image, **kw),
+        lambda: engine.decode(latents, output="float", **kw),
+    )
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_child(spec: str, folder: Path) -> None:
+    """One call of one mode and part after loading: peak RSS growth (printed as JSON)."""
+    config, size, tile, part, mode = spec.split(":")
+    encode, decode = tiling_setup(config, int(size), int(tile), folder, mode)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = status_kib("VmRSS")
+    (encode if part == "encode" else decode)()
+    peak = status_kib("VmHWM")
+    print(json.dumps({"rss_before_mib": before / 1024, "peak_growth_mib": (peak - before) / 1024}))
+
+
+def uint8(x: np.ndarray) -> np.ndarray:
+    return ((x / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def tiling_modes(config: str, size: int, tile: int, folder: Path, reps: int) -> dict[str, Any]:
+    """Every tiling mode vs untiled, encode and decode, rotated interleaved repetitions, medians."""
+    import statistics
+
+    import torch
+
+    calls = {m: tiling_setup(config, size, tile, folder, m) for m in TILING_MODES}
+    row: dict[str, Any] = {
+        "config": config,
+        "size": size,
+        "tile": tile,
+        "reps": reps,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for index, part in enumerate(("encode", "decode")):
+        t0 = time.perf_counter()
+        outputs = {m: calls[m][index]() for m in TILING_MODES}  # warm-up, and the outputs
+        print(part, "warm-up", round(time.perf_counter() - t0, 1), "s", flush=True)
+        times: dict[str, list[float]] = {m: [] for m in TILING_MODES}
+        for i in range(reps):
+            order = TILING_MODES[i % len(TILING_MODES) :] + TILING_MODES[: i % len(TILING_MODES)]
+            for mode in order:
+                t0 = time.perf_counter()
+                calls[mode][index]()
+                times[mode].append(time.perf_counter() - t0)
+        ref = outputs["untiled"]
+        untiled_s = statistics.median(times["untiled"])
+        result: dict[str, Any] = {}
+        for mode in TILING_MODES:
+            seconds = statistics.median(times[mode])
+            out = outputs[mode]
+            entry = {
+                "seconds": seconds,
+                "all_seconds": times[mode],
+                "ns_per_pixel": 1e9 * seconds / size**2,
+                "time_vs_untiled": seconds / untiled_s,
+                "max_abs_diff_rel": float(np.abs(out - ref).max() / np.abs(ref).max()),
+            }
+            if part == "decode":
+                db = psnr(uint8(out), uint8(ref))
+                entry["psnr_uint8_db"] = db if np.isfinite(db) else None  # None: identical
+                entry["max_uint8_diff"] = int(
+                    np.abs(uint8(out).astype(int) - uint8(ref).astype(int)).max()
+                )
+            result[mode] = entry
+            print(
+                config,
+                size,
+                tile,
+                part,
+                mode,
+                {k: v for k, v in entry.items() if k != "all_seconds"},
+                flush=True,
+            )
+        for mode in TILING_MODES:
+            spec = f"{config}:{size}:{tile}:{part}:{mode}"
+            child = subprocess.run(
+                [sys.executable, __file__, "--memory-child", spec, "--folder", str(folder)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            result[mode].update(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(part, mode, "peak growth MiB", round(result[mode]["peak_growth_mib"]), flush=True)
+        row[part] = result
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--exact", metavar="CONFIG:SIZE:TILE", action="append")
+    parser.add_argument("--tiling", metavar="CONFIG:SIZE:TILE", action="append")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, Path(args.folder))
+        return
+    if args.tiling:
+        results: dict[str, Any] = {"device": "cpu", "tiling": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for spec in args.tiling:
+                config, size, tile = spec.split(":")
+                row = tiling_modes(config, int(size), int(tile), Path(tmp), args.reps)
+                results["tiling"].append(row)
+                path = write_results("engine-tiling", results)  # after each size, in case
+        print(f"wrote {path}")
+        return
     if args.exact:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +395,7 @@ def main() -> None:
         plan = {"sd": [512, 1024, 2048]}
     else:
         plan = {"medium": [256, 512], "sd": [256]}
-    results: dict[str, Any] = {"device": args.device}
+    results = {"device": args.device}
     with tempfile.TemporaryDirectory() as tmp:
         for config, sizes in plan.items():
             results[config] = measure(config, sizes, args.device, Path(tmp))

@@ -44,9 +44,11 @@ def group_stats(x: np.ndarray, groups: int, eps: float) -> tuple[np.ndarray, np.
     for i in range(n):
         for g in range(groups):
             v = view[i, g]
-            d = v - v.mean()
-            m = float(v.mean()) + float(d.mean())  # the first pass's rounding, corrected
-            var = float(np.dot(d, d)) / d.size - float(d.mean()) ** 2
+            mu = v.mean()  # once: four passes over the group, not six
+            d = v - mu
+            dm = float(d.mean())
+            m = float(mu) + dm  # the first pass's rounding, corrected
+            var = float(np.dot(d, d)) / d.size - dm**2
             mean[i, g] = m
             rstd[i, g] = 1.0 / np.sqrt(max(var, 0.0) + eps)
     per = c // groups
