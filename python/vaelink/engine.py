@@ -28,7 +28,7 @@ from .cards import DEFAULT_MODEL, ModelCard, Scaling
 from .errors import CorruptExportError, EngineError, NonFiniteOutputError, TensorError
 from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
-from .frameworks import Array, array_namespace, is_torch, to_torch, torch
+from .frameworks import Array, array_namespace, is_torch, to_numpy, to_torch, torch
 from .tiling import TileGrid, check_cancelled, run_tiled
 
 __all__ = ["Engine", "MemoryModel", "Provider"]
@@ -325,27 +325,31 @@ class Engine:
             return "fast"
         return "exact" if tiling == "exact" or host <= budget else "fast"
 
-    def _run_exact(self, part: str, x: Array, height: int, cancel: threading.Event | None) -> Array:
-        """One image through the segments; maps live on the host, tiles go to the runtime."""
+    def _run_segments(
+        self, part: str, x: Array, run: Callable[[ExactProgram, np.ndarray], np.ndarray]
+    ) -> Array:
+        """One image through `part`'s segments (`run`: exact or fast); maps live on the host,
+        tiles go to the runtime. Non-finite output is refused, as from the whole graph."""
         program = ExactProgram(self.manifest.segments[part], self._segment_session)
-        xp_input = np.asarray(x.detach().cpu().numpy() if is_torch(x) else x, np.float32)
-        # `height` is the image's in pixels for both parts: tiles scale to each step's resolution.
-        out = program.run(xp_input, self._tile_px(), height, cancel)
+        out = run(program, np.asarray(to_numpy(x), np.float32))
         if not np.isfinite(out).all():
             raise NonFiniteOutputError(f"{self.card.name} {part} output contains NaN or infinity")
         return to_torch(out, x) if is_torch(x) else out
 
+    def _run_exact(self, part: str, x: Array, height: int, cancel: threading.Event | None) -> Array:
+        # `height` is the image's in pixels for both parts: tiles scale to each step's resolution.
+        return self._run_segments(
+            part, x, lambda program, a: program.run(a, self._tile_px(), height, cancel)
+        )
+
     def _run_fast(
         self, part: str, x: Array, grid: TileGrid, cancel: threading.Event | None
     ) -> Array:
-        """One image through the segments, tile by tile with statistics from a downscaled pass."""
-        program = ExactProgram(self.manifest.segments[part], self._segment_session)
-        xp_input = np.asarray(x.detach().cpu().numpy() if is_torch(x) else x, np.float32)
+        """Tile by tile, with statistics from a downscaled pass."""
         align = self.card.spatial_factor if part == "encoder" else 1
-        out = run_fast(program, xp_input, grid, align, cancel)
-        if not np.isfinite(out).all():
-            raise NonFiniteOutputError(f"{self.card.name} {part} output contains NaN or infinity")
-        return to_torch(out, x) if is_torch(x) else out
+        return self._run_segments(
+            part, x, lambda program, a: run_fast(program, a, grid, align, cancel)
+        )
 
     # -- public API -----------------------------------------------------------------------------
 
