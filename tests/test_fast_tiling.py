@@ -81,6 +81,50 @@ def test_fast_decode_is_close_blended_is_not(kl_small: Path, image: np.ndarray) 
     assert ef.rel_err(z_fast, z) < 0.5 * ef.rel_err(z_blended, z)
 
 
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_fused_graph_with_whole_image_statistics_is_the_untiled_graph(
+    kl_small: Path, image: np.ndarray, part: str
+) -> None:
+    # Fed the statistics of the very map it sees, the fused graph is the model: this checks the
+    # inlining (the "down" steps' padding, residuals, the in-graph attention) apart from tiling.
+    from vaelink.exact import WHOLE, ExactProgram
+
+    engine = Engine(kl_small, provider="cpu")
+    x = image[:, :, :256, :192] if part == "encoder" else engine.encode(image[:, :, :256, :192])
+    untiled = engine._run_graph(part, x)
+    program = ExactProgram(engine.manifest.segments[part], engine._segment_session)
+    stats: list[tuple[np.ndarray, np.ndarray]] = []
+    program.run(x, WHOLE, 1, record=stats)
+    fused = engine._segment_session(engine.manifest.fused[part]["file"])
+    assert engine.manifest.fused[part]["norms"] == len(stats) > 0
+    feed = {f"{n}{k}": v for k, pair in enumerate(stats) for n, v in zip(("mean", "rstd"), pair)}
+    (y,) = fused.run(None, {**feed, "x": x})
+    assert ef.rel_err(y, untiled) <= EXACT_TOL
+
+
+def test_older_exports_without_fused_graphs(
+    kl_small: Path, image: np.ndarray, tmp_path: Path
+) -> None:
+    # Segments but no fused graphs (exact tiling's first exports): fast is refused by name, and
+    # the default keeps the norms right with exact tiling even when its maps exceed the budget.
+    import json
+    import shutil
+
+    from vaelink.exports import MANIFEST
+
+    folder = tmp_path / "old"
+    shutil.copytree(kl_small, folder)
+    data = json.loads((folder / MANIFEST).read_text())
+    del data["fused"]
+    (folder / MANIFEST).write_text(json.dumps(data))
+    engine = Engine(folder, provider="cpu", tile_size=TILE, memory_limit=16 << 20)
+    x = image[:, :, :256, :192]
+    with pytest.raises(EngineError, match="no fused graphs for fast tiling"):
+        engine.encode(x, tile=True, tiling="fast")
+    exact = engine.encode(x, tile=True, tiling="exact")
+    np.testing.assert_array_equal(engine.encode(x, tile=True), exact)
+
+
 def test_fast_is_the_default_when_exact_does_not_fit(kl_small: Path, image: np.ndarray) -> None:
     # 16 MiB: far below exact tiling's host maps of a 512 x 512 image (4 x 64 channels, float32).
     engine = Engine(kl_small, provider="cpu", tile_size=TILE, memory_limit=16 << 20)

@@ -321,9 +321,16 @@ class Engine:
             return "blended"
         host = 4 * 4 * self.memory.full_res_channels * height * width
         budget = available_memory() // 2 if self.provider == "cuda" else self._budget()
-        if tiling == "fast":
-            return "fast"
-        return "exact" if tiling == "exact" or host <= budget else "fast"
+        if tiling == "exact" or (tiling is None and host <= budget):
+            return "exact"
+        if not self.manifest.fused.get(part):
+            if tiling == "fast":
+                raise EngineError(
+                    f"{self.folder} has no fused graphs for fast tiling (exported by an older "
+                    "vaelink); export it again"
+                )
+            return "exact"  # the only way this export keeps the norms right
+        return "fast"
 
     def _run_segments(
         self, part: str, x: Array, run: Callable[[ExactProgram, np.ndarray], np.ndarray]
@@ -347,8 +354,9 @@ class Engine:
     ) -> Array:
         """Tile by tile, with statistics from a downscaled pass."""
         align = self.card.spatial_factor if part == "encoder" else 1
+        fused = self._segment_session(self.manifest.fused[part]["file"])
         return self._run_segments(
-            part, x, lambda program, a: run_fast(program, a, grid, align, cancel)
+            part, x, lambda program, a: run_fast(program, fused, a, grid, align, cancel)
         )
 
     # -- public API -----------------------------------------------------------------------------

@@ -10,10 +10,11 @@ block (scores are `block x N`, never `N x N`). Only a tile and its halo ever go 
 
 Fast tiling (`run_fast`, the idea of the "Tiled VAE" extension) trades exactness for memory and
 time: the chain runs once, untiled, on an area-downscaled copy of the input (its longer side about
-one tile, each channel's mean and std kept), recording every norm's statistics; then each tile runs through the whole chain on its own
-with those fixed statistics and the tiles are blended with `tiling.run_tiled`'s linear ramps. No
-full-resolution activation map is ever held, and the mid-block attention stays within the tile (as
-in diffusers' tiling), so results are close to, not equal to, the untiled pass."""
+one tile, each channel's mean and std kept), recording every norm's statistics; then each tile runs
+through the part's fused graph (all segments in one, the statistics as inputs) in one runtime call,
+and the tiles are blended with `tiling.run_tiled`'s linear ramps. No full-resolution activation map
+is ever held, and the mid-block attention stays within the tile (as in diffusers' tiling), so
+results are close to, not equal to, the untiled pass."""
 
 from __future__ import annotations
 
@@ -109,16 +110,13 @@ class ExactProgram:
         reference: int,
         cancel: threading.Event | None = None,
         *,
-        stats: Sequence[Stats] | None = None,
         record: list[Stats] | None = None,
     ) -> np.ndarray:
         """`tile`: the core tile's side in samples at the resolution `reference` (the image's
-        height in pixels); each step's tiles scale with its own resolution. `stats`: each norm
-        step's mean and rstd, in order, used instead of reducing the map's own (fast tiling);
-        `record`: a list that receives the statistics each norm step used."""
+        height in pixels); each step's tiles scale with its own resolution. `record`: a list that
+        receives each norm step's statistics, in order (fast tiling's downscaled pass)."""
         maps: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x, dtype=np.float32)}
         out = maps["x"]
-        norms = 0
         for i, step in enumerate(self.steps):
             src = maps[step["input"]]
             if step["op"] == "attend":
@@ -126,8 +124,7 @@ class ExactProgram:
             else:
                 given: Stats | None = None
                 if step.get("norm"):
-                    given = stats[norms] if stats is not None else group_stats(src, **step["norm"])
-                    norms += 1
+                    given = group_stats(src, **step["norm"])
                     if record is not None:
                         record.append(given)
                 res = maps[step["res"]] if step.get("res") else None
@@ -226,14 +223,16 @@ def area_downscale(x: np.ndarray, longest: int, align: int = 1) -> np.ndarray:
 
 def run_fast(
     program: ExactProgram,
+    fused: Any,
     x: np.ndarray,
     grid: TileGrid,
     align: int,
     cancel: threading.Event | None = None,
 ) -> np.ndarray:
-    """Fast tiling of one part over `x` `[1, C, H, W]`: statistics from a downscaled pass whose
-    longer side is one tile of `grid` (`align`: the sides' multiple, the spatial factor when
-    encoding), then `grid`'s tiles run independently with them and are blended."""
+    """Fast tiling of one part over `x` `[1, C, H, W]`: statistics from a downscaled pass of
+    `program` whose longer side is one tile of `grid` (`align`: the sides' multiple, the spatial
+    factor when encoding), then `grid`'s tiles run through `fused` (the part's fused graph's
+    session) with them and are blended."""
     stats: list[Stats] = []
     check_cancelled(cancel)
     small = area_downscale(x, grid.tile, align)
@@ -245,9 +244,15 @@ def run_fast(
     small = (small - small.mean(axis=axes, keepdims=True)) / np.maximum(spread, 1e-6)
     small = small * x.std(axis=axes, keepdims=True) + x.mean(axis=axes, keepdims=True)
     program.run(np.ascontiguousarray(small, np.float32), WHOLE, 1, cancel, record=stats)
+    feed = {
+        f"{name}{k}": s
+        for k, pair in enumerate(stats)
+        for name, s in zip(("mean", "rstd"), pair, strict=True)
+    }
 
     def tile(t: np.ndarray) -> np.ndarray:
-        return program.run(t, WHOLE, 1, cancel, stats=stats)
+        (y,) = fused.run(None, {**feed, "x": np.ascontiguousarray(t, np.float32)})
+        return np.asarray(y)
 
     out: np.ndarray = run_tiled(tile, x, grid, cancel)
     return out

@@ -178,10 +178,15 @@ def export_vae(
             for variant in variants
         }
         # Exact tiling's segments: only models that normalise need them.
-        segments = export_segments(vae, work) if has_segments(vae) else {}
+        segments, fused = export_segments(vae, work) if has_segments(vae) else ({}, {})
         record = {**(source or {}), "config": _memory_config(vae, card)}
         manifest = Manifest(
-            card=card, variants=files, source=record, exporter=_versions(), segments=segments
+            card=card,
+            variants=files,
+            source=record,
+            exporter=_versions(),
+            segments=segments,
+            fused=fused,
         )
         (work / MANIFEST).write_text(manifest.to_json())
         if output.exists():

@@ -7,6 +7,11 @@ and reciprocal std as graph inputs; the host runs it tile by tile with a halo an
 norm's statistics between segments. Between two cuts there is at most one 3x3 convolution, so a
 halo of one sample (two below a 2x upsample) covers the receptive field.
 
+Fast tiling runs every tile through the whole part at once: beside the segments, each part gets one
+fused graph, the segments inlined in order with every norm's mean and rstd as graph inputs
+(`mean<k>`, `rstd<k>`) and the attention computed in the graph over the tile's positions. One
+runtime call a tile instead of one a segment, and no host copies between them.
+
 Segments are built directly with `onnx.helper` from the module's weights (no tracing: dozens of
 small graphs export in a second). Needs torch and onnx, like `vaelink.export`."""
 
@@ -22,6 +27,7 @@ from .exports import sha256_file
 __all__ = ["export_segments", "has_segments"]
 
 OPSET = 17
+IR_VERSION = 8
 
 
 def has_segments(vae: Any) -> bool:
@@ -41,6 +47,12 @@ class _Builder:
         self.folder = folder
         self.steps: list[dict[str, Any]] = []
         self.names = 0
+        # The fused graph (fast tiling): every segment inlined, stats as inputs.
+        self.fused_nodes: list[Any] = []
+        self.fused_inits: list[Any] = []
+        self.fused_inputs: list[Any] = []
+        self.norms = 0
+        self.in_channels = 0
 
     def _buffer(self) -> str:
         self.names += 1
@@ -68,6 +80,8 @@ class _Builder:
         if w.ndim == 2:  # a Linear used as a 1x1 conv
             w = w[:, :, None, None]
         cin, k = w.shape[1], w.shape[2]
+        if not self.steps:
+            self.in_channels = int(cin)
         dims = ["n", "c", "h", "w"]
         inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", cin, "h", "w"])]
         inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
@@ -142,13 +156,10 @@ class _Builder:
             "y", TensorProto.FLOAT, [dims[0], w.shape[0], "H", "W"]
         )
         graph = helper.make_graph(nodes, f"{self.part}_{len(self.steps)}", inputs, [output], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = 8
         rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
-        path = self.folder / rel
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(model.SerializeToString())
+        path = _save(graph, self.folder / rel)
         out = self._buffer()
+        self._inline(graph, src, res, out, kind)
         self.steps.append(
             {
                 "op": "conv",
@@ -166,6 +177,107 @@ class _Builder:
             }
         )
         return out
+
+    def _inline(self, graph: Any, src: str, res: str | None, out: str, kind: str) -> None:
+        """Appends one segment to the fused graph: its tensors prefixed, its inputs wired to the
+        maps they read, its statistics to new graph inputs, and the host's work done in-graph
+        (the zero row and column a "down" step is handed)."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        prefix = f"s{len(self.steps) - 1}_"
+        names = {"": "", "x": src, "y": out}
+        if res is not None:
+            names["res"] = res
+        for value in graph.input:
+            if value.name in ("mean", "rstd"):
+                names[value.name] = f"{value.name}{self.norms}"
+                shape = [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+                self.fused_inputs.append(
+                    helper.make_tensor_value_info(names[value.name], TensorProto.FLOAT, shape)
+                )
+        if "mean" in names:
+            self.norms += 1
+        if kind == "down":  # diffusers pads (0, 1) before its stride-2 conv
+            names["x"] = prefix + "padded"
+            self.fused_inits.append(
+                numpy_helper.from_array(
+                    np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), prefix + "pads"
+                )
+            )
+            self.fused_nodes.append(helper.make_node("Pad", [src, prefix + "pads"], [names["x"]]))
+        for init in graph.initializer:
+            renamed = type(init)()
+            renamed.CopyFrom(init)
+            renamed.name = prefix + init.name
+            self.fused_inits.append(renamed)
+        for node in graph.node:
+            copy = type(node)()
+            copy.CopyFrom(node)
+            copy.ClearField("input")
+            copy.ClearField("output")
+            copy.input.extend(names.get(n, prefix + n) for n in node.input)
+            copy.output.extend(names.get(n, prefix + n) for n in node.output)
+            copy.name = f"{prefix}{node.name or node.op_type}_{len(self.fused_nodes)}"
+            self.fused_nodes.append(copy)
+
+    def _fused_attention(self, qkv: str, out: str, heads: int, head_dim: int, scale: float) -> None:
+        """softmax(q k^T * scale) v over the tile's positions, in the fused graph."""
+        from onnx import helper, numpy_helper
+
+        p = f"s{len(self.steps) - 1}_"
+        c = heads * head_dim
+
+        def const(name: str, values: list[int]) -> str:
+            self.fused_inits.append(numpy_helper.from_array(np.array(values, np.int64), p + name))
+            return p + name
+
+        node = helper.make_node
+        self.fused_inits.append(numpy_helper.from_array(np.array(scale, np.float32), p + "scale"))
+        self.fused_nodes += [
+            node("Shape", [qkv], [p + "shape"]),
+            node("Slice", [p + "shape", const("s0", [0]), const("s1", [1])], [p + "n"]),
+            node("Slice", [p + "shape", const("s2", [2]), const("s4", [4])], [p + "hw"]),
+            node("Concat", [p + "n", const("split", [3, heads, head_dim, -1])], [p + "5d"], axis=0),
+            node("Concat", [p + "n", const("c", [c]), p + "hw"], [p + "4d"], axis=0),
+            node("Reshape", [qkv, p + "5d"], [p + "heads"]),
+            node("Split", [p + "heads"], [p + "q1", p + "k1", p + "v1"], axis=1),
+        ]
+        axis = const("axis", [1])
+        for t in ("q", "k", "v"):
+            self.fused_nodes.append(node("Squeeze", [p + t + "1", axis], [p + t]))
+        self.fused_nodes += [
+            node("Transpose", [p + "q"], [p + "qt"], perm=[0, 1, 3, 2]),  # [n, heads, hw, d]
+            node("Mul", [p + "qt", p + "scale"], [p + "qs"]),
+            node("MatMul", [p + "qs", p + "k"], [p + "scores"]),  # [n, heads, hw, hw]
+            node("Softmax", [p + "scores"], [p + "weights"], axis=-1),
+            node("Transpose", [p + "weights"], [p + "wt"], perm=[0, 1, 3, 2]),
+            node("MatMul", [p + "v", p + "wt"], [p + "attended"]),  # [n, heads, d, hw]
+            node("Reshape", [p + "attended", p + "4d"], [out]),
+        ]
+
+    def fused(self) -> dict[str, Any]:
+        """Writes `fast-<part>.onnx`; its manifest entry."""
+        from onnx import TensorProto, helper
+
+        inputs = [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", self.in_channels, "h", "w"])
+        ]
+        last = self.steps[-1]
+        nodes = [*self.fused_nodes, helper.make_node("Identity", [last["output"]], ["y"])]
+        output = helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", last["out_channels"], "H", "W"]
+        )
+        graph = helper.make_graph(
+            nodes, f"{self.part}_fused", inputs + self.fused_inputs, [output], self.fused_inits
+        )
+        rel = f"segments/{self.part}-fused.onnx"
+        path = _save(graph, self.folder / rel)
+        return {
+            "file": rel,
+            "norms": self.norms,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
 
     def resnet(self, src: str, r: Any) -> str:
         if r.conv_shortcut is not None and r.conv_shortcut.kernel_size != (1, 1):
@@ -194,6 +306,7 @@ class _Builder:
         self.steps.append(
             {"op": "attend", "input": qkv, "output": out, "heads": heads, "scale": head_dim**-0.5}
         )
+        self._fused_attention(qkv, out, heads, head_dim, head_dim**-0.5)
         if not attn.residual_connection:
             raise NotImplementedError("attention without a residual connection")
         return self.conv(
@@ -213,6 +326,16 @@ class _Builder:
         return h
 
 
+def _save(graph: Any, path: Path) -> Path:
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def _check_plain(vae: Any) -> None:
     for module in vae.modules():
         name = type(module).__name__
@@ -226,8 +349,11 @@ def _check_plain(vae: Any) -> None:
             raise NotImplementedError("resampling resnets are not segmented")
 
 
-def export_segments(vae: Any, folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Writes `folder/segments/*.onnx` and returns the programs: part -> steps (`vaelink.exact`)."""
+def export_segments(
+    vae: Any, folder: Path
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Writes `folder/segments/*.onnx`; returns the programs (part -> steps, `vaelink.exact`) and
+    the fused graphs (part -> file entry)."""
     _check_plain(vae)
     enc = _Builder("encoder", folder)
     h = enc.conv("x", vae.encoder.conv_in, kind="same")
@@ -258,4 +384,7 @@ def export_segments(vae: Any, folder: Path) -> dict[str, list[dict[str, Any]]]:
             dec.conv(h, u.conv, kind="up")
             h = dec.steps[-1]["output"]
     dec.conv(h, vae.decoder.conv_out, kind="same", norm=vae.decoder.conv_norm_out)
-    return {"encoder": enc.steps, "decoder": dec.steps}
+    return {"encoder": enc.steps, "decoder": dec.steps}, {
+        "encoder": enc.fused(),
+        "decoder": dec.fused(),
+    }

@@ -60,6 +60,9 @@ class Manifest:
     segments: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """part -> the float32 steps of exact tiling (`vaelink.exact`); empty for models without
     normalisation layers and for exports older than exact tiling."""
+    fused: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """part -> fast tiling's whole-part graph with the norms' statistics as inputs
+    (`vaelink.export_segments`); empty where `segments` is, and for exports older than it."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -77,6 +80,7 @@ class Manifest:
             source=data.get("source", {}),
             exporter=data.get("exporter", {}),
             segments=data.get("segments", {}),
+            fused=data.get("fused", {}),
         )
 
 
@@ -100,16 +104,23 @@ def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
         raise CorruptExportError(f"{folder / MANIFEST} is not a valid manifest: {e}") from None
     if verify:
         try:
-            entries = [
-                (folder / info["file"], info["bytes"], info["sha256"])
-                for parts in manifest.variants.values()
-                for info in parts.values()
-            ] + [
-                (folder / step["file"], step["bytes"], step["sha256"])
-                for steps in manifest.segments.values()
-                for step in steps
-                if "file" in step
-            ]
+            entries = (
+                [
+                    (folder / info["file"], info["bytes"], info["sha256"])
+                    for parts in manifest.variants.values()
+                    for info in parts.values()
+                ]
+                + [
+                    (folder / step["file"], step["bytes"], step["sha256"])
+                    for steps in manifest.segments.values()
+                    for step in steps
+                    if "file" in step
+                ]
+                + [
+                    (folder / info["file"], info["bytes"], info["sha256"])
+                    for info in manifest.fused.values()
+                ]
+            )
         except (AttributeError, KeyError, TypeError) as e:
             raise CorruptExportError(
                 f"{folder / MANIFEST} lists its files wrongly: {e!r}"
