@@ -97,7 +97,11 @@ def test_fused_graph_with_whole_image_statistics_is_the_untiled_graph(
     program.run(x, WHOLE, 1, record=stats)
     fused = engine._segment_session(engine.manifest.fused[part]["file"])
     assert engine.manifest.fused[part]["norms"] == len(stats) > 0
-    feed = {f"{n}{k}": v for k, pair in enumerate(stats) for n, v in zip(("mean", "rstd"), pair)}
+    feed = {
+        f"{n}{k}": v
+        for k, pair in enumerate(stats)
+        for n, v in zip(("mean", "rstd"), pair, strict=True)
+    }
     (y,) = fused.run(None, {**feed, "x": x})
     assert ef.rel_err(y, untiled) <= EXACT_TOL
 
