@@ -149,6 +149,15 @@ def test_sampling_with_a_seed_is_the_same_remotely(photos, local, remote):
         assert np.array_equal(got[0], sampled[0])
 
 
+def test_moments_are_the_same_remotely(photos, local, remote):
+    """Unscaled mean and log-variance from `vaelink serve` (`moments=True`), as from the engine."""
+    x = torch.from_numpy(vaelink.preprocess(photo(photos)))
+    moments = local.moments(x)
+    assert moments.shape == (1, 8, 8, 6) and isinstance(moments, torch.Tensor)
+    assert torch.allclose(moments[:, :4] * local.card.scaling_factor, local.encode(x), atol=1e-6)
+    assert torch.allclose(remote.moments(x), moments, atol=1e-5)
+
+
 @pytest.mark.parametrize("output", ["numpy", "float", "pil", "png", "jpeg", "webp", "torch"])
 def test_decode_remote_equals_local(output, local, remote):
     z = latents(1)

@@ -150,3 +150,65 @@ def test_the_command_line_entry_point(sdxl, inputs, tmp_path):
         [sys.executable, "-m", "vaelink", "decode", "--help"], capture_output=True, text=True
     ).stdout
     assert "--endpoint" in help_text and "--format" in help_text
+
+
+# -- vaelink pull / import / export: models by name ------------------------------------------------
+
+
+@pytest.fixture
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from hub_fixtures import offline_hub
+
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path / "vaelink-home"))
+    return offline_hub(monkeypatch, tmp_path)
+
+
+def test_pull_then_encode_and_decode_by_the_pulled_name(sdxl, hub_cache, inputs, tmp_path, capsys):
+    from hub_fixtures import folder_files, hub_repo
+
+    hub_repo(hub_cache, "org/tiny-sdxl", folder_files(sdxl.folder))
+    code = main(["pull", "org/tiny-sdxl", "--name", "my-sdxl"])
+    assert code == 0 and "pulled org/tiny-sdxl as my-sdxl" in capsys.readouterr().out
+    out = tmp_path / "latents.safetensors"
+    code, err = run(capsys, "encode", inputs["cat"], "-o", out, "--model", "my-sdxl", "-q")
+    assert code == 0, err
+    tensors, metadata = vaelink.load_latents(out)
+    assert metadata["model"] == "my-sdxl"
+    expected = vaelink.VAE(sdxl.folder).encode(vaelink.decode_image(inputs["cat"]))
+    np.testing.assert_array_equal(tensors["latents.0"], expected)
+    code, err = run(
+        capsys, "decode", out, "-o", tmp_path / "decoded", "-q"
+    )  # the name, from the file
+    assert code == 0 and (tmp_path / "decoded" / "cat.png").is_file(), err
+    assert main(["models"]) == 0
+    assert any(line.startswith("my-sdxl ") for line in capsys.readouterr().out.splitlines())
+
+
+def test_pull_failures_are_one_line(hub_cache, capsys):
+    code, err = run(capsys, "pull", "org/absent")
+    progress, error = err.splitlines()
+    assert code == 1 and progress == "vaelink: pulling org/absent from the Hugging Face Hub"
+    assert error.startswith("vaelink: error: HF_HUB_OFFLINE is set and the Hugging Face cache")
+
+
+def test_export_prints_disagreements_as_warning_lines(hub_cache, tmp_path, capsys):
+    from engine_fixtures import tiny_vae
+
+    source = tmp_path / "taesd"
+    tiny_vae(4, 4).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    code, err = run(capsys, "export", "taesd", "--source", source, "--variants", "float32")
+    assert code == 0, err
+    assert err == (
+        f"vaelink: warning: the VAE at {source} says scaling_factor = 0.5, the card 'taesd' says "
+        "1.0; the export uses the config's\n"
+    )
+    assert vaelink.VAE("taesd").card.scaling_factor == 0.5
+
+
+def test_export_needs_a_card_or_a_source_and_a_name(hub_cache, capsys):
+    code, err = run(capsys, "export", "--name", "x")
+    assert code == 1 and "give --source and --name" in err
+    code, err = run(capsys, "export", "my-vae", "--source", "org/x")
+    assert code == 1 and "unknown model 'my-vae'" in err and "--source and --name" in err

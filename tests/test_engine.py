@@ -94,6 +94,20 @@ def test_encode_mode_matches_diffusers(model: ef.Exported, images: np.ndarray) -
     assert ef.rel_err(latents, model.encode(images)) <= TOL
 
 
+def test_moments_are_diffusers_posterior(model: ef.Exported, images: np.ndarray) -> None:
+    """Unscaled: the mean and, from the log-variance, the std of diffusers' posterior (tiny
+    autoencoders: their latents)."""
+    moments = model.engine().moments(images)
+    mean, std = model.moments(images)
+    c = model.card.latent_channels
+    assert ef.rel_err(moments[:, :c], mean) <= TOL
+    if std is None:
+        assert moments.shape[1] == c
+    else:
+        assert moments.shape[1] == 2 * c
+        assert ef.rel_err(np.exp(0.5 * np.clip(moments[:, c:], -30, 20)), std) <= TOL
+
+
 def test_encode_sample_matches_diffusers_with_the_same_noise(
     model: ef.Exported, images: np.ndarray
 ) -> None:

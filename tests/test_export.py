@@ -190,16 +190,19 @@ def test_float16_cuda_variant(
 def test_export_model_from_a_local_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image: np.ndarray
 ) -> None:
-    """A card of our own, registered for the test, exported from a diffusers folder."""
+    """A card of our own, registered for the test, exported from a diffusers folder whose
+    config.json states the card's shift factor (and diffusers' default scaling factor: null there
+    would leave the card's)."""
     card = dataclasses.replace(ef.CONFIGS["sd3-like"].card, name="test-sd3", repo="nobody/nothing")
     monkeypatch.setitem(cards._cards(), card.name, card)
     source = tmp_path / "diffusers"
     vae = ef.CONFIGS["sd3-like"].build()
+    vae.register_to_config(scaling_factor=card.scaling_factor, shift_factor=card.shift_factor)
     vae.save_pretrained(source)
     output = export.export_model("test-sd3", source=str(source), output=tmp_path / "out")
     assert output == tmp_path / "out"
     manifest = read_manifest(output)
-    assert manifest.card == card
+    assert manifest.card == card and "disagreements" not in manifest.source
     assert manifest.source["location"] == str(source)
     assert list(manifest.variants) == ["float32", "float16"]
     exported = ef.Exported("test-sd3", vae, card, output)
@@ -252,3 +255,207 @@ def test_vaelink_export_then_engine_by_name(
 def test_vaelink_export_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["export", "sd7"]) == 1
     assert "unknown model 'sd7'" in capsys.readouterr().err
+
+
+# -- from the Hugging Face cache, cards checked, custom VAEs ----------------------------------------
+
+
+@pytest.fixture
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An offline Hub cache (laid out by the tests) and an empty vaelink cache."""
+    from hub_fixtures import offline_hub
+
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path / "vaelink-home"))
+    return offline_hub(monkeypatch, tmp_path)
+
+
+def publish_vae(
+    cache: Path, repo_id: str, vae: object, tmp_path: Path, prefix: str = "", **config: object
+) -> Path:
+    """`vae` saved with diffusers and laid out as `repo_id` in the Hub cache (under `prefix`, a
+    pipeline's `vae/`), its config.json changed by `config` (None: the key left out)."""
+    from hub_fixtures import folder_files, hub_repo
+
+    folder = tmp_path / repo_id.replace("/", "--")
+    vae.save_pretrained(folder)  # type: ignore[attr-defined]
+    data = json.loads((folder / "config.json").read_text())
+    data.update(config)
+    data = {k: v for k, v in data.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(data))
+    hub_repo(cache, repo_id, folder_files(folder, prefix))
+    return folder
+
+
+def test_export_fetches_through_the_hub_cache_and_takes_the_configs_constants(
+    hub_cache: Path, tmp_path: Path, image: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fine-tune of taesd whose config.json states another scaling factor: the config wins, the
+    disagreement is warned about and recorded; the weights come from the Hub cache, offline."""
+    vae = ef.tiny_vae(4, 4)
+    publish_vae(hub_cache, "someone/taesd-ft", vae, tmp_path, scaling_factor=0.5, shift_factor=0.25)
+    with pytest.warns(vaelink.VaelinkWarning) as warned:
+        folder = export.export_model("taesd", source="someone/taesd-ft", variants=("float32",))
+    assert [str(w.message) for w in warned] == [
+        "the VAE at someone/taesd-ft says scaling_factor = 0.5, the card 'taesd' says 1.0; the "
+        "export uses the config's",
+        "the VAE at someone/taesd-ft says shift_factor = 0.25, the card 'taesd' says 0.0; the "
+        "export uses the config's",
+    ]
+    assert "fetching config.json" in capsys.readouterr().err  # progress is printed
+    manifest = read_manifest(folder)
+    assert (manifest.card.scaling_factor, manifest.card.shift_factor) == (0.5, 0.25)
+    assert manifest.card == dataclasses.replace(
+        cards.get_card("taesd"), scaling_factor=0.5, shift_factor=0.25
+    )
+    assert manifest.source["disagreements"] == {
+        "scaling_factor": {"card": 1.0, "config": 0.5},
+        "shift_factor": {"card": 0.0, "config": 0.25},
+    }
+    assert manifest.source["location"] == "someone/taesd-ft"
+    snapshots = hub_cache / "models--someone--taesd-ft" / "snapshots"
+    assert [p.name for p in snapshots.iterdir()] == [manifest.source["commit"]]
+    engine = Engine("taesd", provider="cpu")
+    assert engine.card.scaling_factor == 0.5  # the export's card, by name
+    reference = ef.Exported("taesd", vae, manifest.card, folder)
+    assert ef.rel_err(engine.encode(image), reference.encode(image)) <= 1e-4
+
+
+def test_a_config_without_constants_keeps_the_cards(hub_cache: Path, tmp_path: Path) -> None:
+    publish_vae(
+        hub_cache,
+        "someone/plain",
+        ef.tiny_vae(4, 4),
+        tmp_path,
+        scaling_factor=None,
+        shift_factor=None,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vaelink.VaelinkWarning)  # nothing to disagree on
+        folder = export.export_model("taesd", source="someone/plain", variants=("float32",))
+    manifest = read_manifest(folder)
+    assert manifest.card == cards.get_card("taesd") and "disagreements" not in manifest.source
+
+
+def test_a_custom_vae_by_name_from_a_pipeline_repo(
+    hub_cache: Path, tmp_path: Path, image: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vaelink export --source REPO --name NAME`: a VAE that is none of the cards, in a pipeline's
+    `vae/` folder; its card is derived from its config and the name works like a card's."""
+    vae = ef.CONFIGS["sd3-like"].build()
+    mean = [0.1 * i for i in range(16)]
+    publish_vae(
+        hub_cache,
+        "lab/pipe",
+        vae,
+        tmp_path,
+        prefix="vae/",
+        scaling_factor=1.5,
+        shift_factor=0.06,
+        latents_mean=mean,
+        latents_std=[2.0] * 16,
+    )
+    code = cli.main(["export", "--source", "lab/pipe", "--name", "my-vae", "--variants", "float32"])
+    assert code == 0, capsys.readouterr().err
+    card = vaelink.VAE("my-vae").card
+    assert (card.name, card.architecture, card.latent_channels, card.spatial_factor) == (
+        "my-vae",
+        "AutoencoderKL",
+        16,
+        4,
+    )
+    assert (card.scaling_factor, card.shift_factor) == (1.5, 0.06)
+    assert card.latents_mean == tuple(mean) and card.latents_std == (2.0,) * 16
+    folder = tmp_path / "vaelink-home" / "exports" / "my-vae"
+    assert read_manifest(folder).source["subfolder"] == "vae"
+    reference = ef.Exported("my-vae", vae, card, folder)
+    latents = vaelink.VAE("my-vae").encode(image)
+    assert ef.rel_err(latents, reference.encode(image)) <= 1e-4
+    assert cli.main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "my-vae" in rows and "float32" in rows["my-vae"] and "custom" in rows["my-vae"]
+
+
+@pytest.mark.parametrize(
+    ("build", "card", "difference"),
+    [
+        (
+            lambda: ef.kl_vae((8, 16, 16, 16), 16, quant_conv=False),
+            "sd15",
+            "latent channels is 16, sd15's is 4",
+        ),
+        (
+            lambda: ef.kl_vae((8, 16), 4, quant_conv=True),
+            "sd15",
+            "spatial factor is 2, sd15's is 8",
+        ),
+        (
+            lambda: ef.tiny_vae(4, 4),
+            "sd15",
+            "architecture is AutoencoderTiny, sd15's is AutoencoderKL",
+        ),
+    ],
+)
+def test_a_vae_that_does_not_fit_its_card_is_one_sentence_before_any_download_or_export(
+    hub_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    build: object,
+    card: str,
+    difference: str,
+) -> None:
+    from hub_fixtures import hub_repo
+
+    folder = publish_vae(hub_cache, "someone/vae", build(), tmp_path)  # type: ignore[operator]
+    hub_repo(hub_cache, "someone/config-only", {"config.json": folder / "config.json"})
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the ONNX export started")
+
+    monkeypatch.setattr(export, "_export_graph", never)
+    # No weights in the repo: the card is checked on the config, before they are fetched.
+    with pytest.raises(vaelink.ModelMismatchError, match=difference):
+        export.export_model(card, source="someone/config-only")
+    capsys.readouterr()
+    assert cli.main(["export", card, "--source", str(folder)]) == 1  # a local folder too
+    err = capsys.readouterr().err
+    assert err.startswith("vaelink: error: the VAE at") and difference in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "vaelink-home" / "exports").exists()
+
+
+def test_export_vae_checks_the_module_against_the_card(tmp_path: Path) -> None:
+    vae = ef.CONFIGS["sd3-like"].build()
+    with pytest.raises(vaelink.ModelMismatchError, match="latent channels is 16, tiny-sdxl's is 4"):
+        export.export_vae(vae, ef.CONFIGS["sdxl-like"].card, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_then_push_to_hub(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    hub_cache: Path,
+) -> None:
+    import huggingface_hub
+
+    calls: list[dict[str, object]] = []
+
+    def record(api: object, **kwargs: object) -> str:
+        calls.append(kwargs)
+        return "https://huggingface.co/me/taesd/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, repo_id, **kw: repo_id)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", record)
+    source = tmp_path / "taesd"
+    ef.tiny_vae(4, 4).save_pretrained(source)
+    args = ["export", "taesd", "--source", str(source), "--variants", "float32"]
+    assert cli.main([*args, "--push-to-hub", "me/taesd"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "vaelink-home" / "exports" / "taesd"
+    assert f"published {folder} as me/taesd: https://huggingface.co/me/taesd/commit/abc" in out
+    (call,) = calls
+    assert call["repo_id"] == "me/taesd" and call["folder_path"] == str(folder)
+    assert call["allow_patterns"] == [MANIFEST, "encoder-float32.onnx", "decoder-float32.onnx"]

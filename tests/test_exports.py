@@ -231,3 +231,97 @@ def test_a_missing_export_is_named_only_when_it_is_needed(no_env: Path) -> None:
         model.export_folder()
     with pytest.raises(UnknownModelError):
         resolve_model("no-such-model")
+
+
+# -- exports known only by name, and what a manifest may list --------------------------------------
+
+
+def _custom(folder: Path, name: str, **changes: object) -> Path:
+    """An export whose manifest's card is `sd15`'s renamed (and changed): a custom VAE."""
+    import dataclasses
+
+    make_export(folder)
+    manifest = read_manifest(folder)
+    manifest.card = dataclasses.replace(manifest.card, name=name, **changes)  # type: ignore[arg-type]
+    (folder / MANIFEST).write_text(manifest.to_json())
+    return folder
+
+
+def test_a_name_no_card_has_resolves_to_its_export(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vaelink.exports import list_exports
+
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    with pytest.raises(UnknownModelError):
+        resolve_model("my-vae")
+    folder = _custom(tmp_path / "exports" / "my-vae", "my-vae", scaling_factor=0.5)
+    model = resolve_model("my-vae")
+    assert model.folder == folder and model.card.name == "my-vae"
+    assert model.card.scaling_factor == 0.5
+    assert find_export("my-vae") == folder
+    make_export(tmp_path / "exports" / "sdxl", "sdxl")
+    (tmp_path / "exports" / "broken").mkdir()  # no manifest: not an export
+    assert [(card.name, path) for card, path in list_exports()] == [
+        ("my-vae", folder),
+        ("sdxl", tmp_path / "exports" / "sdxl"),
+    ]
+
+
+def test_a_card_name_resolves_to_its_exports_card(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An export of sd15 made from a source whose config states other constants: the export's."""
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    _custom(tmp_path / "exports" / "sd15", "sd15", scaling_factor=0.2)
+    assert resolve_model("sd15").card.scaling_factor == 0.2
+    assert get_card("sd15").scaling_factor == 0.18215  # the card itself is unchanged
+
+
+def test_an_export_found_under_another_name_takes_that_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    _custom(tmp_path / "exports" / "renamed", "published-as")
+    assert resolve_model("renamed").card.name == "renamed"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x" * 101, "spaces in"])
+def test_names_that_cannot_be_folders(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vaelink.exports import check_name
+
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path / "home"))
+    _custom(tmp_path / "x", "x")  # what "../x" would reach from exports/
+    with pytest.raises(VaelinkError, match="cannot name a model"):
+        check_name(name)
+    with pytest.raises(VaelinkError, match="cannot name a model"):
+        export_dir(name)
+    if name:
+        with pytest.raises(UnknownModelError):
+            resolve_model(name)
+
+
+def test_data_files_are_verified_too(tmp_path: Path) -> None:
+    folder = make_export(tmp_path / "e")
+    manifest = read_manifest(folder)
+    (folder / "weights.bin").write_bytes(b"external data")
+    manifest.data_files = [
+        {"file": "weights.bin", "bytes": 13, "sha256": sha256_file(folder / "weights.bin")}
+    ]
+    (folder / MANIFEST).write_text(manifest.to_json())
+    assert read_manifest(folder).data_files == manifest.data_files
+    (folder / "weights.bin").write_bytes(b"external dat!")
+    with pytest.raises(CorruptExportError, match=r"weights\.bin does not match"):
+        read_manifest(folder)
+
+
+@pytest.mark.parametrize("file", ["../outside.onnx", "/etc/passwd"])
+def test_a_manifest_cannot_list_files_outside_its_folder(tmp_path: Path, file: str) -> None:
+    folder = make_export(tmp_path / "e")
+    data = json.loads((folder / MANIFEST).read_text())
+    data["variants"]["float32"]["encoder"]["file"] = file
+    (folder / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(CorruptExportError, match="outside the export"):
+        read_manifest(folder)

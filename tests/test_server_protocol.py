@@ -18,6 +18,7 @@ from vaelink.server.protocol import (
     Limits,
     decode_request,
     encode_request,
+    encode_response,
     operation,
     parse_query,
 )
@@ -139,6 +140,15 @@ def test_decode_scaling_rules(extra, card, expected):
 def test_encode_scaling_rules(extra, expected):
     req = encode_request(extra, FLUX)
     assert (req.scaling.factor, req.scaling.shift) == pytest.approx(expected)
+
+
+def test_encode_moments_are_never_scaled():
+    query = {"moments": True, "scaling_factor": "0.3611", "shift_factor": "0.1159"}
+    req = encode_request(query, FLUX)
+    assert req.moments and not encode_request({}, FLUX).moments
+    moments = np.linspace(-1, 1, 2 * 16 * 4, dtype=np.float32).reshape(1, 32, 2, 2)
+    answer = encode_response(moments, req)
+    assert np.array_equal(np.frombuffer(answer.body, np.float32).reshape(moments.shape), moments)
 
 
 @pytest.mark.parametrize(

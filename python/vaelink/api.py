@@ -333,6 +333,23 @@ class VAE:
         latents = self._first_answer(run)
         return encode_output(latents, output, batch.like)
 
+    def moments(
+        self, images: ImageInput, *, fit: Fit | None = "crop", output: EncodeOutput | None = None
+    ) -> Any:
+        """Images -> the encoder's output, unscaled, float32 (torch when given torch): for
+        AutoencoderKL models the posterior's moments `[B, 2C, H/8, W/8]`, mean then log-variance
+        (`diffusers`' `DiagonalGaussianDistribution(moments)`), from the local engine and
+        `vaelink serve`; `[B, C, H/8, W/8]` latents from a tiny model, and from an endpoint that
+        gives latents only (its default, the posterior mean as far as is known)."""
+        batch = as_image_batch(images, self.card.spatial_factor, fit)
+
+        def run(backend: Backend, deadline: float | None) -> Any:
+            if isinstance(backend, RemoteBackend):
+                return backend.moments(batch, deadline=deadline)
+            return backend.moments(batch)
+
+        return encode_output(self._first_answer(run), output, batch.like)
+
     def decode(
         self,
         latents: LatentInput,

@@ -21,6 +21,12 @@ class Backend(Protocol):
         held in torch."""
         ...
 
+    def moments(self, images: ImageBatch, /) -> Any:
+        """Images -> the encoder's output, unscaled: the posterior's moments `[B, 2C, h, w]` (mean,
+        then log-variance) of an AutoencoderKL model; `[B, C, h, w]` latents from a tiny model, or
+        from an endpoint that gives latents only (see `RemoteBackend.moments`)."""
+        ...
+
     def decode(self, latents: LatentBatch, /, *, output: RawOutput = "uint8") -> Any:
         """Scaled latents -> uint8 `[B, H, W, 3]` pixels, or the float32 `[B, 3, H, W]` decoder
         output (`output="float"`)."""

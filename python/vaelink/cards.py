@@ -1,21 +1,37 @@
 """Model cards: what vaelink knows about each VAE it supports, kept in `vaelink/models/*.toml`.
 
-Latent normalisation constants live here, in vaelink's own cards, not in exported configs:
-`latents = (z - shift_factor) * scaling_factor` after encoding, the inverse before decoding
-(`ModelCard.scaling`)."""
+Latent normalisation constants live in the cards: `latents = (z - shift_factor) * scaling_factor`
+after encoding, the inverse before decoding (`ModelCard.scaling`). An export's card (in its
+manifest) takes them from the source's `config.json` where it states them (`fit_card`); a VAE that
+is none of the cards gets a card derived from its config (`card_from_config`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UnknownModelError, VaelinkError
+from .errors import ModelMismatchError, UnknownModelError, VaelinkError
 
-__all__ = ["DEFAULT_MODEL", "IDENTITY", "ModelCard", "Scaling", "get_card", "list_cards"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "IDENTITY",
+    "ModelCard",
+    "Scaling",
+    "card_from_config",
+    "check_fits",
+    "fit_card",
+    "get_card",
+    "list_cards",
+    "memory_config",
+    "read_config",
+]
 
 DEFAULT_MODEL = "vaelink-tiny"
 """The model bundled with the package: it works offline, out of the box."""
@@ -63,6 +79,10 @@ class ModelCard:
     revision: str | None = None
     packed_latents: bool = False
     """Its pipelines pass latents packed 2x2 (`[B, HW/4, 4C]`, FLUX.1)."""
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    """Per-channel statistics from the VAE's `config.json`, for the families whose pipelines
+    normalise latents with them (`(z - mean) * scaling_factor / std`); recorded, not applied."""
 
     @property
     def has_posterior(self) -> bool:
@@ -79,7 +99,8 @@ class ModelCard:
         unknown = set(data) - known
         if unknown:
             raise VaelinkError(f"model card has unknown keys: {sorted(unknown)}")
-        return cls(**data)
+        stats = {k: tuple(data[k]) for k in ("latents_mean", "latents_std") if data.get(k)}
+        return cls(**{**data, **stats})
 
 
 @functools.cache
@@ -102,3 +123,120 @@ def get_card(name: str) -> ModelCard:
     except KeyError:
         known = ", ".join(sorted(_cards()))
         raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
+
+
+# -- cards from a diffusers config.json ------------------------------------------------------------
+
+_STRUCTURE = ("architecture", "latent_channels", "spatial_factor")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _config_constants(config: dict[str, Any], channels: int) -> dict[str, Any]:
+    """The constants a config states (keys it lacks or leaves null are left out)."""
+    found: dict[str, Any] = {}
+    try:
+        for key in ("scaling_factor", "shift_factor"):
+            if config.get(key) is not None:
+                found[key] = _number(config[key])
+        for key in ("latents_mean", "latents_std"):
+            value = config.get(key)
+            if value is not None:
+                if not isinstance(value, list | tuple) or len(value) != channels:
+                    raise ValueError(f"{key} is not a list of {channels} numbers")
+                found[key] = tuple(_number(v) for v in value)
+    except ValueError as e:
+        raise VaelinkError(f"bad constants: {e}") from None
+    if found.get("scaling_factor", 1.0) <= 0:
+        raise VaelinkError(f"scaling_factor must be positive, not {found['scaling_factor']}")
+    return found
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A diffusers `config.json` as written (keys it lacks stay unknown)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VaelinkError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise VaelinkError(f"{path} is not a JSON object")
+    return config
+
+
+def memory_config(config: dict[str, Any], card: ModelCard) -> dict[str, Any]:
+    """What the engine's memory model needs from a VAE's config: the widest full-resolution block
+    and whether the mid-block has attention."""
+    widths = config.get("block_out_channels") or config.get("encoder_block_out_channels") or [128]
+    attention = card.has_posterior and bool(config.get("mid_block_add_attention", True))
+    return {"full_res_channels": int(widths[0]), "attention": attention}
+
+
+def card_from_config(name: str, config: dict[str, Any], *, where: str = "config.json") -> ModelCard:
+    """The card of a diffusers VAE described by its `config.json` (a fine-tune, a custom VAE): the
+    architecture, latent channels, the spatial factor (from the blocks: each block but the last
+    halves the size) and the constants; `ModelMismatchError` for a VAE vaelink cannot run."""
+    architecture = config.get("_class_name")
+    if architecture not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ModelMismatchError(
+            f"{where} describes a {architecture or 'model of no known class'}; vaelink runs "
+            "AutoencoderKL and AutoencoderTiny VAEs"
+        )
+    blocks = config.get(
+        "block_out_channels" if architecture == "AutoencoderKL" else "encoder_block_out_channels"
+    )
+    channels = config.get("latent_channels")
+    if (
+        not isinstance(blocks, list | tuple)
+        or not blocks
+        or not isinstance(channels, int)
+        or channels < 1
+    ):
+        raise ModelMismatchError(f"{where} lacks the latent channels or the blocks of a VAE")
+    try:
+        constants = _config_constants(config, channels)
+    except VaelinkError as e:
+        raise ModelMismatchError(f"{where}: {e}") from None
+    default = 0.18215 if architecture == "AutoencoderKL" else 1.0  # diffusers' own defaults
+    return ModelCard(
+        name=name,
+        description=f"{architecture} with {channels} latent channels, from its config.json",
+        architecture=architecture,
+        latent_channels=channels,
+        spatial_factor=2 ** (len(blocks) - 1),
+        **{"scaling_factor": default, **constants},
+    )
+
+
+def check_fits(card: ModelCard, config: dict[str, Any], where: str = "config.json") -> None:
+    """`ModelMismatchError`, in one sentence naming the difference, when the VAE `config` describes
+    is of another structure than `card`'s: architecture, latent channels, spatial factor."""
+    derived = card_from_config(card.name, config, where=where)
+    for key in _STRUCTURE:
+        ours, theirs = getattr(card, key), getattr(derived, key)
+        if ours != theirs:
+            raise ModelMismatchError(
+                f"{where} does not fit the card {card.name!r}: its {key.replace('_', ' ')} is "
+                f"{theirs}, {card.name}'s is {ours} (export it under a card that fits, or with "
+                "--name as a custom VAE)"
+            )
+
+
+def fit_card(
+    card: ModelCard, config: dict[str, Any], where: str = "config.json"
+) -> tuple[ModelCard, dict[str, Any]]:
+    """`card` with the constants its source's `config.json` states (the card's own stand in for
+    those it does not), and what the two disagreed on (`{key: {"card": ..., "config": ...}}`);
+    `check_fits` first."""
+    check_fits(card, config, where)
+    stated = _config_constants(config, card.latent_channels)
+    disagreements = {
+        key: {"card": getattr(card, key), "config": value}
+        for key, value in stated.items()
+        if getattr(card, key) != value
+    }
+    values = {key: stated[key] for key in disagreements}
+    return dataclasses.replace(card, **values), disagreements

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import image
 from .cards import DEFAULT_MODEL
-from .errors import RemoteError, RemoteRequestError, VaelinkError
+from .errors import RemoteError, RemoteRequestError, VaelinkError, VaelinkWarning
 
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -28,13 +30,15 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    """Lists the model cards and which of them are exported on this machine."""
+    """Lists the model cards and which of them are exported on this machine, then the exports of
+    models that are none of the cards (custom VAEs, imported or pulled ones)."""
     from .cards import list_cards
     from .errors import CorruptExportError, ModelNotExportedError
-    from .exports import find_export, read_manifest
+    from .exports import find_export, list_exports, read_manifest
 
     print(f"{'model':<10} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
-    for card in list_cards():
+    cards = list_cards()
+    for card in cards:
         try:
             folder = find_export(card.name)
             status = ",".join(read_manifest(folder, verify=False).variants)
@@ -42,25 +46,67 @@ def models(args: argparse.Namespace) -> int:
             status = "-"
         except CorruptExportError:
             status = "corrupt: export again"
-        print(
-            f"{card.name:<10} {card.architecture:<16} {card.latent_channels:>6}  {status:<28} "
-            f"{card.description}"
-        )
+        _model_row(card, status)
+    names = {card.name for card in cards}
+    for card, folder in list_exports():
+        if card.name not in names:
+            _model_row(card, ",".join(read_manifest(folder, verify=False).variants))
     return 0
 
 
+def _model_row(card: Any, status: str) -> None:
+    print(
+        f"{card.name:<10} {card.architecture:<16} {card.latent_channels:>6}  {status:<28} "
+        f"{card.description}"
+    )
+
+
 def export(args: argparse.Namespace) -> int:
-    """Exports a model's VAE to ONNX (needs torch and diffusers, and the weights)."""
+    """Exports a VAE to ONNX (needs torch and diffusers, and the weights); optionally publishes
+    the export on the Hugging Face Hub."""
     from .export import export_model
 
     folder = export_model(
         args.model,
+        name=args.name,
         source=args.source,
         revision=args.revision,
+        subfolder=args.subfolder,
         output=Path(args.output) if args.output else None,
         variants=args.variants.split(","),
     )
-    print(f"exported {args.model} to {folder}")
+    print(f"exported {args.name or args.model} to {folder}")
+    if args.push_to_hub:
+        from .hub import push
+
+        url = push(folder, args.push_to_hub, private=args.private or None)
+        print(f"published {folder} as {args.push_to_hub}: {url}")
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """Makes an ONNX Runtime / optimum export (vae_encoder/, vae_decoder/) a vaelink export."""
+    from .imports import import_onnx
+
+    folder = import_onnx(
+        Path(args.path),
+        name=args.name,
+        card=args.card,
+        output=Path(args.output) if args.output else None,
+        variants=args.variants.split(",") if args.variants else None,
+    )
+    print(f"imported {args.path} as {folder.name} into {folder}")
+    return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    """Fetches a vaelink export published on the Hub, verifies it, makes it usable by name."""
+    from .exports import read_manifest
+    from .hub import pull as pull_export
+
+    folder = pull_export(args.repo_id, revision=args.revision, name=args.name)
+    card = read_manifest(folder, verify=False).card
+    print(f"pulled {args.repo_id} as {args.name or card.name} into {folder}")
     return 0
 
 
@@ -480,6 +526,85 @@ def _add_encode_decode(commands: Subcommands) -> None:
     p.set_defaults(run=decode_command)
 
 
+# -- dataset ------------------------------------------------------------------------------------
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    try:
+        from .dataset import encode_dataset
+    except ImportError as error:  # pyarrow or Pillow missing
+        raise SystemExit(
+            f"vaelink: error: {error.name} is missing: pip install 'vaelink[dataset]'"
+        ) from None
+    report = encode_dataset(
+        args.src,
+        args.output,
+        model=args.model or DEFAULT_MODEL,
+        endpoint=args.endpoint or None,
+        token=args.token,
+        provider=args.provider,
+        resolution=args.resolution,
+        step=args.step,
+        min_side=args.min_side,
+        max_side=args.max_side,
+        mode=args.mode,
+        no_upscale=args.no_upscale,
+        flip=args.flip,
+        sample=args.sample,
+        seed=args.seed,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        threads=args.jobs,
+        max_pixels=args.max_pixels,
+        image_column=args.image_column,
+        key_column=args.key_column,
+        progress=False if args.quiet else None,
+    )
+    for item in report.skipped:
+        print(f"vaelink: skipped {item['key']}: {item['reason']}", file=sys.stderr)
+    print(
+        f"{report.folder}: {report.rows} rows; encoded {report.encoded}, cached {report.cached}, "
+        f"skipped {len(report.skipped)}, retired {report.retired}, "
+        f"non-finite re-encoded {len(report.nonfinite)} ({report.seconds:.1f} s)"
+    )
+    return 1 if args.strict and report.skipped else 0
+
+
+def _add_dataset(commands: Subcommands) -> None:
+    p = commands.add_parser(
+        "dataset",
+        help="encode a whole dataset to cached latents (resumable Parquet shards)",
+        description="Encode every image of SRC (a folder, a list file, Parquet or WebDataset "
+        "shards) into Parquet shards of latents under OUT; run again to resume. "
+        "Needs pip install 'vaelink[dataset]'.",
+    )
+    p.add_argument(
+        "src",
+        help="a folder, a list file, a .parquet file/folder, .tar shards, hf:NAME[:SPLIT] "
+        "or a datasets save_to_disk folder",
+    )
+    p.add_argument("-o", "--output", required=True, help="the cache folder")
+    _add_remote_options(p)
+    p.add_argument("--resolution", type=int, default=1024, help="bucket area = resolution^2")
+    p.add_argument("--step", type=int, default=64, help="bucket sides are multiples of this")
+    p.add_argument("--min-side", type=int, help="default: resolution / 2")
+    p.add_argument("--max-side", type=int, help="default: resolution * 2")
+    p.add_argument("--mode", choices=("crop", "resize"), default="crop", help="fit to the bucket")
+    p.add_argument("--no-upscale", action="store_true", help="never enlarge an image")
+    p.add_argument("--flip", action="store_true", help="also encode the horizontal flip")
+    p.add_argument("--sample", action="store_true", help="sample the posterior (default: mean)")
+    p.add_argument("--seed", type=int, default=0, help="for --sample (per item, from its key)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--batch-size", type=int, default=8, help="images per engine call")
+    p.add_argument("--shard-size", type=int, default=1024, help="rows per Parquet shard")
+    p.add_argument("--max-pixels", type=int, default=image.DEFAULT_MAX_PIXELS)
+    p.add_argument("--image-column", help="Parquet: the column of image bytes")
+    p.add_argument("--key-column", help="Parquet: the column of item keys")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any input was skipped")
+    p.set_defaults(run=dataset_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaelink", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -493,25 +618,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("models", help="list the known models and what is exported")
     p.set_defaults(run=models)
     p = commands.add_parser("export", help="export a model's VAE to ONNX (needs torch)")
-    p.add_argument("model", help="a model name from `vaelink models`")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="the card it is exported as (`vaelink models`); none with --name: a custom VAE",
+    )
     p.add_argument("--source", help="another hub repo id, a diffusers folder or a checkpoint file")
+    p.add_argument(
+        "--name", help="the name to store it as (a VAE that is none of the cards: with --source)"
+    )
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--subfolder", help="the VAE's folder in the repo (default: the card's, or vae/)"
+    )
     p.add_argument("--output", help="export folder (default: the vaelink cache)")
     p.add_argument(
         "--variants",
         default="float32,float16",
         help="comma-separated: float32, float16, float16-cuda",
     )
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="then publish the export as REPO_ID")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     p.set_defaults(run=export)
+    p = commands.add_parser(
+        "import", help="use an ONNX Runtime / optimum export (vae_encoder/, vae_decoder/) as is"
+    )
+    p.add_argument("path", help="the folder holding vae_encoder/model.onnx, vae_decoder/model.onnx")
+    p.add_argument("--name", help="the name to use it by (default: its card's, or the folder's)")
+    p.add_argument("--card", help="the card it is (default: derived from its config.json)")
+    p.add_argument("--output", help="export folder (default: the vaelink cache)")
+    p.add_argument("--variants", help="the graphs' dtype (default), and float16 (needs onnx)")
+    p.set_defaults(run=import_command)
+    p = commands.add_parser(
+        "pull", help="fetch a vaelink export published on the Hugging Face Hub (no torch needed)"
+    )
+    p.add_argument("repo_id", help="the Hub repo holding the export (manifest.json at its root)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--name", help="the name to use it by (default: its card's)")
+    p.set_defaults(run=pull)
     _add_encode_decode(commands)
     _add_serve(commands)
+    _add_dataset(commands)
     return parser
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """vaelink's own warnings as one `vaelink: warning:` line each; others as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, VaelinkWarning):
+            print(f"vaelink: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args))
+        with _warnings_as_lines():
+            return int(args.run(args))
     except (VaelinkError, OSError) as e:
         print(f"vaelink: error: {e}", file=sys.stderr)
         return 1

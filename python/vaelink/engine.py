@@ -409,12 +409,27 @@ class Engine:
         it and its host maps fit the budget, else fast (blended for exports without segments).
         Output that is NaN or infinite raises `NonFiniteOutputError`.
         """
+        moments = self.moments(images, tile=tile, cancel=cancel, tiling=tiling)
+        z = self._posterior(moments, sample, seed, noise)
+        return (scaling or self.card.scaling).apply(z)
+
+    def moments(
+        self,
+        images: ImageInput | ImageBatch,
+        /,
+        *,
+        tile: bool | None = None,
+        cancel: threading.Event | None = None,
+        tiling: Tiling | None = None,
+    ) -> Any:
+        """Images -> the encoder's output, unscaled, float32: for AutoencoderKL models the
+        posterior's moments `[B, 2C, H/8, W/8]` (mean, then log-variance, unclamped: diffusers'
+        `DiagonalGaussianDistribution(moments)` is the posterior), for tiny ones the latents
+        `[B, C, H/8, W/8]`. Takes what `encode` takes."""
         x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()
         self._check_image_tensor(x)
         grid = TileGrid(self._tile_px(), self._tile_px() // 4, num=1, den=self.card.spatial_factor)
-        moments = self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid, cancel, tiling)
-        z = self._posterior(moments, sample, seed, noise)
-        return (scaling or self.card.scaling).apply(z)
+        return self._apply("encoder", x, x.shape[2], x.shape[3], tile, grid, cancel, tiling)
 
     def _posterior(
         self, moments: Array, sample: bool, seed: int | None, noise: Array | None

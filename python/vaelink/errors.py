@@ -15,6 +15,8 @@ as diffusers' own remote functions raise.
     │   ├── UnknownModelError (KeyError)     a name with no model card
     │   ├── ModelNotExportedError (FileNotFoundError)
     │   ├── CorruptExportError (ValueError)  an export that does not match its manifest
+    │   ├── ModelMismatchError (ValueError)  a VAE that does not fit the card it is exported as
+    │   ├── HubError                         the Hugging Face Hub could not give or take a repo's files
     │   └── EngineError (RuntimeError)       ONNX Runtime could not load or run a model
     ├── RemoteError (RuntimeError)           an endpoint failed; `status`, `url`, `retry_after`
     │   ├── RemoteConnectionError            no connection, or it broke
@@ -29,6 +31,8 @@ as diffusers' own remote functions raise.
         ├── QueueFullError                   too many requests waiting (503, Retry-After)
         ├── ServerBusyError                  memory or work budget full for now (503, Retry-After)
         └── ShuttingDownError                the server stopped before the request ran
+
+    VaelinkWarning (UserWarning)             worth knowing, not an error: a card and its source disagree
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ __all__ = [
     "EncodeError",
     "EngineError",
     "FormatError",
+    "HubError",
     "ImageTooLargeError",
     "InvalidEndpointError",
     "ModelError",
+    "ModelMismatchError",
     "ModelNotExportedError",
     "NonFiniteOutputError",
     "OperationCancelledError",
@@ -61,6 +67,7 @@ __all__ = [
     "TensorError",
     "UnknownModelError",
     "VaelinkError",
+    "VaelinkWarning",
 ]
 
 
@@ -115,6 +122,17 @@ class ModelNotExportedError(ModelError, FileNotFoundError):
 
 class CorruptExportError(ModelError, ValueError):
     """An export whose files are missing, changed or not what the manifest says."""
+
+
+class ModelMismatchError(ModelError, ValueError):
+    """A VAE that does not fit the card it is exported or imported as: another architecture, other
+    latent channels or another spatial factor (checked before anything is exported)."""
+
+
+class HubError(ModelError):
+    """The Hugging Face Hub could not give (or take) a repository's files: no such repository or
+    revision, a gated or private one without a token, offline without a cached copy, a repository
+    without the files vaelink needs, or an upload refused."""
 
 
 class EngineError(ModelError, RuntimeError):
@@ -264,3 +282,8 @@ class ServerBusyError(ServerError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class VaelinkWarning(UserWarning):
+    """Something worth knowing that is not an error: a card whose constants disagree with its
+    source's `config.json` (the source's are used)."""

@@ -7,18 +7,34 @@ Variants: `float32`; `float16` (converted graph, float16 inputs and outputs); `f
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import shutil
-import tempfile
+import dataclasses
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cards import ModelCard, get_card
-from .errors import VaelinkError
+from .cards import (
+    ModelCard,
+    card_from_config,
+    check_fits,
+    fit_card,
+    get_card,
+    memory_config,
+    read_config,
+)
+from .errors import UnknownModelError, VaelinkError, VaelinkWarning
 from .export_segments import export_segments, has_segments
-from .exports import MANIFEST, Manifest, export_dir, read_manifest, sha256_file
+from .exports import (
+    MANIFEST,
+    Manifest,
+    check_name,
+    export_dir,
+    file_entry,
+    read_manifest,
+    staged,
+    versions,
+)
 
 __all__ = ["VARIANTS", "export_model", "export_vae"]
 
@@ -114,22 +130,6 @@ def _optimize_for_cuda(src: Path, dst: Path) -> None:
     optimized.save_model_to_file(str(dst))
 
 
-def _memory_config(vae: Any, card: ModelCard) -> dict[str, Any]:
-    """What the engine's memory model needs: the widest full-resolution block and the attention."""
-    config = dict(vae.config)
-    widths = config.get("block_out_channels") or config.get("encoder_block_out_channels") or [128]
-    attention = card.has_posterior and bool(config.get("mid_block_add_attention", True))
-    return {"full_res_channels": int(widths[0]), "attention": attention}
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("vaelink", "torch", "diffusers", "onnx", "onnxruntime"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    return versions
-
-
 def export_vae(
     vae: Any,
     card: ModelCard,
@@ -146,14 +146,12 @@ def export_vae(
     unknown = set(variants) - set(VARIANTS)
     if unknown or "float32" not in variants:
         raise VaelinkError(f"variants must include float32 and be among {VARIANTS}, got {variants}")
+    check_fits(card, _module_config(vae), f"the {type(vae).__name__} given")  # before exporting
     vae = vae.to(torch.float32).eval()
     encoder, decoder = _graphs(vae)
     f = card.spatial_factor
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache's exports from other users
-    try:
+    with staged(output) as work:
         parts = {
             "encoder": (encoder, torch.zeros(1, 3, 8 * f, 8 * f), "image", "moments"),
             "decoder": (decoder, torch.zeros(1, card.latent_channels, 8, 8), "latent", "image"),
@@ -167,66 +165,189 @@ def export_vae(
                     work / f"{part}-float32.onnx", work / f"{part}-float16-cuda.onnx"
                 )
         files = {
-            variant: {
-                part: {
-                    "file": f"{part}-{variant}.onnx",
-                    "bytes": (work / f"{part}-{variant}.onnx").stat().st_size,
-                    "sha256": sha256_file(work / f"{part}-{variant}.onnx"),
-                }
-                for part in parts
-            }
+            variant: {part: file_entry(work, f"{part}-{variant}.onnx") for part in parts}
             for variant in variants
         }
         # Exact tiling's segments: only models that normalise need them.
         segments, fused = export_segments(vae, work) if has_segments(vae) else ({}, {})
-        record = {**(source or {}), "config": _memory_config(vae, card)}
+        record = {**(source or {}), "config": memory_config(dict(vae.config), card)}
         manifest = Manifest(
             card=card,
             variants=files,
             source=record,
-            exporter=_versions(),
+            exporter=versions("torch", "diffusers", "onnx", "onnxruntime"),
             segments=segments,
             fused=fused,
         )
         (work / MANIFEST).write_text(manifest.to_json())
-        if output.exists():
-            shutil.rmtree(output)
-        work.rename(output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     read_manifest(output)
     return output
 
 
-def _load_diffusers_vae(card: ModelCard, source: str | None, revision: str | None) -> Any:
+# What a diffusers VAE folder holds: its config and its weights (one file, shards, or a .bin).
+CONFIG = "config.json"
+WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model-*-of-*.safetensors",
+)
+LEGACY_WEIGHTS = ("diffusion_pytorch_model.bin",)
+
+
+@dataclass
+class _Source:
+    """Where a VAE's files are on this machine: a diffusers folder (`config.json` and weights) or a
+    single-file checkpoint, and the record of where they came from, for the manifest."""
+
+    folder: Path | None
+    checkpoint: Path | None
+    record: dict[str, Any]
+
+    def config(self) -> dict[str, Any] | None:
+        """The folder's `config.json` as written (so that keys it lacks stay unknown)."""
+        return None if self.folder is None else read_config(self.folder / CONFIG)
+
+
+def _vae_folder(root: Path, subfolder: str | None) -> Path | None:
+    """The folder under `root` with a VAE's config: `subfolder` if given, else the root itself
+    (a VAE repo) or its `vae/` (a pipeline's)."""
+    for folder in [root / subfolder] if subfolder else [root, root / "vae"]:
+        if (folder / CONFIG).is_file():
+            return folder
+    return None
+
+
+def _fetch(location: str, subfolder: str | None, revision: str | None) -> _Source:
+    """A hub repo's VAE through the Hugging Face cache: its config first (so that a VAE that does
+    not fit is refused before its weights are downloaded: `check`), then its weights."""
+    from . import hub
+
+    prefixes = [f"{subfolder}/"] if subfolder else ["", "vae/"]
+    root = hub.download(location, [p + CONFIG for p in prefixes], revision=revision)
+    folder = _vae_folder(root, subfolder)
+    if folder is None:
+        where = f"{subfolder}/{CONFIG}" if subfolder else f"{CONFIG} nor vae/{CONFIG}"
+        raise VaelinkError(f"{location} has no {where}: not a diffusers VAE (or pass --subfolder)")
+    record = {
+        "location": location,
+        "subfolder": folder.relative_to(root).as_posix() if folder != root else None,
+        "revision": revision,
+        "commit": root.name,  # the snapshot folder is named after the commit
+    }
+    return _Source(folder, None, record)
+
+
+def _fetch_weights(source: _Source) -> None:
+    from . import hub
+
+    assert source.folder is not None
+    prefix = f"{source.record['subfolder']}/" if source.record.get("subfolder") else ""
+    for names in (WEIGHTS, LEGACY_WEIGHTS):
+        root = hub.download(
+            source.record["location"], [prefix + n for n in names], revision=source.record["commit"]
+        )
+        if any((root / prefix).glob("diffusion_pytorch_model*")):
+            source.folder = root / prefix if prefix else root
+            return
+    raise VaelinkError(f"{source.record['location']} has no diffusers weights for its VAE")
+
+
+def _locate(location: str, subfolder: str | None, revision: str | None) -> _Source:
+    path = Path(location)
+    if path.is_file():
+        return _Source(None, path, {"location": location})
+    if path.is_dir():
+        folder = _vae_folder(path, subfolder)
+        if folder is None:
+            raise VaelinkError(f"{path} holds no {CONFIG} of a diffusers VAE")
+        return _Source(folder, None, {"location": location, "subfolder": subfolder})
+    return _fetch(location, subfolder, revision)
+
+
+def _module_config(vae: Any) -> dict[str, Any]:
+    """A loaded VAE's config, with the diffusers class it is (or derives from)."""
+    names = [cls.__name__ for cls in type(vae).__mro__]
+    kind = next((n for n in names if n in ("AutoencoderKL", "AutoencoderTiny")), names[0])
+    return {**dict(getattr(vae, "config", None) or {}), "_class_name": kind}
+
+
+def _load(source: _Source, architecture: str) -> Any:
     _require_torch()
     import diffusers
 
-    cls = getattr(diffusers, card.architecture)
-    location = source or card.repo
-    if location is None:
-        raise VaelinkError(f"model {card.name!r} names no weights; pass a source")
-    path = Path(location)
-    if path.is_file():
-        return cls.from_single_file(str(path))
-    kwargs: dict[str, Any] = {"revision": revision or card.revision}
-    if card.subfolder and not path.is_dir():
-        kwargs["subfolder"] = card.subfolder
-    return cls.from_pretrained(location, **kwargs)
+    cls = getattr(diffusers, architecture)
+    if source.checkpoint is not None:
+        return cls.from_single_file(str(source.checkpoint))
+    return cls.from_pretrained(str(source.folder))
+
+
+def _card_for(
+    name: str, template: ModelCard | None, config: dict[str, Any], where: str
+) -> tuple[ModelCard, dict[str, Any]]:
+    """The export's card: the template's (a built-in card) with the constants the source's config
+    states - what they disagree on is warned about and returned for the manifest - or, without a
+    template, one derived from the config. A VAE that does not fit its card raises
+    `ModelMismatchError` here, before anything is exported."""
+    if template is None:
+        card = card_from_config(name, config, where=where)
+        return dataclasses.replace(card, description=f"custom {card.description}"), {}
+    card, disagreements = fit_card(template, config, where)
+    for key, values in disagreements.items():
+        warnings.warn(
+            f"{where} says {key} = {values['config']}, the card {template.name!r} says "
+            f"{values['card']}; the export uses the config's",
+            VaelinkWarning,
+            stacklevel=3,
+        )
+    return dataclasses.replace(card, name=name), disagreements
 
 
 def export_model(
-    name: str,
+    model: str | None = None,
     *,
+    name: str | None = None,
     source: str | None = None,
     revision: str | None = None,
+    subfolder: str | None = None,
     output: Path | None = None,
     variants: Sequence[str] = ("float32", "float16"),
 ) -> Path:
-    """Exports the model `name` (a card) from its hub repo, or from `source`: another repo id, a local
-    diffusers folder or a single-file checkpoint. Returns the export folder."""
-    card = get_card(name)
-    vae = _load_diffusers_vae(card, source, revision)
-    record = {"location": source or card.repo, "subfolder": card.subfolder, "revision": revision}
+    """Exports a VAE to ONNX; returns the export folder (by default the cache's, under its name).
+
+    `model` is the card it is exported as (`vaelink models`), its weights from the card's hub repo
+    or from `source`: another repo id (fetched through the Hugging Face cache: `HF_HOME`, the saved
+    login or `HF_TOKEN`, `revision`), a local diffusers folder or a single-file checkpoint; it is
+    stored as `name` (default: the card's). Without a card, `name` and `source` give a VAE that is
+    none of the cards (a fine-tune, a custom VAE): its card is derived from its `config.json`. The
+    constants come from the source's `config.json` where it states them; a VAE that does not fit
+    its card is a `ModelMismatchError` before anything is exported."""
+    if model is None and (name is None or source is None):
+        raise VaelinkError("name a model card, or give --source and --name for a custom VAE")
+    try:
+        template = get_card(model) if model is not None else None
+    except UnknownModelError as e:
+        raise UnknownModelError(
+            f"{e}; for a VAE that is none of them, pass --source and --name"
+        ) from None
+    name = check_name(name or str(model))
+    location = source or (template.repo if template else None)
+    if location is None:
+        raise VaelinkError(f"model {model!r} names no weights; pass a source")
+    subfolder = subfolder or (template.subfolder if template and not source else None)
+    located = _locate(location, subfolder, revision or (template.revision if template else None))
+    where = f"the VAE at {location}"
+    config = located.config()
+    card, disagreements = (None, {}) if config is None else _card_for(name, template, config, where)
+    if located.record.get("commit") is not None:
+        _fetch_weights(located)
+    known = card or template
+    if known is None:
+        raise VaelinkError(
+            f"{location} is a single-file checkpoint: name the card it is exported as "
+            "(`vaelink export CARD --source FILE`)"
+        )
+    vae = _load(located, known.architecture)
+    if card is None:  # a single-file checkpoint: the loaded module's config is all there is
+        card, disagreements = _card_for(name, template, _module_config(vae), where)
+    record = {**located.record, **({"disagreements": disagreements} if disagreements else {})}
     return export_vae(vae, card, output or export_dir(name), variants=variants, source=record)

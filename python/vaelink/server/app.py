@@ -61,6 +61,7 @@ class BatchKey(NamedTuple):
     """Per-item input shape (everything but the batch dimension)."""
     tile: bool | None
     sample: bool
+    moments: bool = False
 
 
 class ModelService:
@@ -110,6 +111,8 @@ class ModelService:
             out = self.engine.decode(
                 x, output="float", tile=key.tile, scaling=IDENTITY, cancel=cancel
             )
+        elif key.moments:
+            out = self.engine.moments(x, tile=key.tile, cancel=cancel)
         else:
             noise = np.concatenate([job.extra for job in jobs]) if key.sample else None
             out = self.engine.encode(
@@ -233,10 +236,11 @@ class ModelService:
             size = protocol.encode_size(body, req, self.card, self.limits)
             if size is not None:
                 self.admit(size, hold)
-        sample = req.sample and self.card.has_posterior  # tiny autoencoders are deterministic
+        # Tiny autoencoders are deterministic; moments are the posterior itself, not a sample.
+        sample = req.sample and self.card.has_posterior and not req.moments
         x, noise = await run_in_threadpool(self._prepare_encode, body, req, sample)
         tile = self._tile(x.shape[2], x.shape[3])
-        key = BatchKey("encode", x.shape[1:], tile, sample)
+        key = BatchKey("encode", x.shape[1:], tile, sample, req.moments)
         latents = await self.run(request, key, x, noise, deadline)
         return _response(await run_in_threadpool(protocol.encode_response, latents, req))
 
@@ -368,7 +372,11 @@ class ServerState:
                 "encode": {
                     "image_formats": ["png", "jpeg", "webp"],
                     "tensor_dtypes": ["float16", "bfloat16", "float32", "uint8"],
-                    "posterior": ["mode (default)", "sample (sample=True, seed=N)"],
+                    "posterior": [
+                        "mode (default)",
+                        "sample (sample=True, seed=N)",
+                        "moments (moments=True: mean and log-variance, unscaled)",
+                    ],
                     "fit": ["crop (default)", "resize", "none"],
                 },
             },

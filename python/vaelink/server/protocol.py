@@ -353,6 +353,9 @@ class EncodeRequest:
     scaling: Scaling
     sample: bool
     seed: int | None
+    moments: bool
+    """The encoder's output unscaled - an AutoencoderKL's posterior moments `[B, 2C, h, w]`, mean
+    then log-variance - instead of latents (vaelink's own parameter: other servers ignore it)."""
     output_dtype: DTypeName | None
     input_range: Literal["auto", "0,1", "-1,1"]
     fit: Literal["crop", "resize", "none"]
@@ -367,6 +370,7 @@ def encode_request(query: Query, card: ModelCard) -> EncodeRequest:
         scaling=_scaling(query, card),
         sample=get_bool(query, "sample", False),
         seed=get_int(query, "seed", minimum=0),
+        moments=get_bool(query, "moments", False),
         output_dtype=get_str(query, "output_dtype", FLOAT_DTYPES) if output_dtype else None,  # type: ignore[arg-type]
         input_range=get_str(query, "input_range", ("auto", "0,1", "-1,1"), "auto"),  # type: ignore[arg-type]
         fit=get_str(query, "fit", ("crop", "resize", "none"), "crop"),  # type: ignore[arg-type]
@@ -459,8 +463,8 @@ def noise(req: EncodeRequest, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def encode_response(latents: np.ndarray, req: EncodeRequest) -> TensorResponse:
-    """Unscaled engine latents, scaled as the request asked."""
+    """Unscaled engine latents, scaled as the request asked (moments are never scaled)."""
     with np.errstate(over="ignore"):  # huge factors give inf, as the caller asked
-        latents = req.scaling.apply(latents)
+        latents = latents if req.moments else req.scaling.apply(latents)
     dtype = req.output_dtype or (req.dtype if req.dtype in FLOAT_DTYPES else "float32")
     return _tensor(latents, dtype)
