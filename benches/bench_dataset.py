@@ -2,6 +2,8 @@
 
     python benches/bench_dataset.py [--images 16] [--resolution 256] [--reps 3]
     # writes benches/results/dataset-<machine>.json
+    python benches/bench_dataset.py --ray [--images 12] [--reps 2]
+    # the local run against Ray Data on a local cluster: the "ray" key of the same file
 
 Both encode the same JPEG photos (scikit-image's, resampled to camera-like sizes) with the same
 model (the bundled `vaelink-tiny`) into the same buckets:
@@ -13,11 +15,16 @@ model (the bundled `vaelink-tiny`) into the same buckets:
 - `encode_dataset`: decode and resize in threads while the engine encodes batches of one bucket,
   Parquet shards.
 
-Repetitions interleave the two; each starts from an empty output folder. Medians are reported."""
+Repetitions interleave the two; each starts from an empty output folder. Medians are reported.
+
+`--ray`: `encode_dataset` against `encode_dataset(ray=True)` on a local Ray cluster of every CPU
+(started once, before the repetitions; each Ray run starts its actor and loads the model, as a
+real run does)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -72,7 +79,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ray", action="store_true", help="the local run against Ray Data")
     args = parser.parse_args()
+    if args.ray:
+        return ray_main(args)
     spec = BucketSpec(args.resolution, 64)
     engine = Engine("vaelink-tiny")
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +126,54 @@ def main() -> None:
     }
     print(results["images_per_second"], "speedup", results["speedup"])
     print(write_results("dataset", results))
+
+
+def ray_main(args: argparse.Namespace) -> None:
+    import ray
+
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        (root / "src").mkdir()
+        paths = make_photos(root / "src", args.images)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ["RAY_TMPDIR"] = str(root)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=str(root / "r"))
+        started = time.perf_counter() - t0
+        options = {"resolution": args.resolution, "step": 64, "batch_size": args.batch_size}
+        times: dict[str, list[float]] = {"local": [], "ray": []}
+        try:
+            for rep in range(args.reps):
+                for name, on_ray in (("local", False), ("ray", True)):
+                    t0 = time.perf_counter()
+                    report = encode_dataset(
+                        root / "src", _fresh(root / name), ray=on_ray, progress=False, **options
+                    )
+                    times[name].append(time.perf_counter() - t0)
+                    assert report.rows == len(paths) and not report.skipped
+                print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+        finally:
+            ray.shutdown()
+    rates = {k: len(paths) / statistics.median(v) for k, v in times.items()}
+    results = {
+        "ray": {
+            "setup": {
+                "images": len(paths),
+                "resolution": args.resolution,
+                "batch_size": args.batch_size,
+                "reps": args.reps,
+                "cluster": f"local, {cpus} CPUs; one actor of {max(cpus - 1, 1)} CPUs",
+                "ray": ray.__version__,
+            },
+            "cluster_start_seconds": round(started, 2),
+            "seconds": times,
+            "images_per_second": {k: round(v, 2) for k, v in rates.items()},
+            "speedup": round(rates["ray"] / rates["local"], 2),
+        }
+    }
+    print(results["ray"]["images_per_second"], "speedup", results["ray"]["speedup"])
+    print(write_results("dataset", results, merge=True))
 
 
 def _fresh(folder: Path) -> Path:

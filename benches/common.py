@@ -75,11 +75,13 @@ def pillow_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def write_results(name: str, results: dict[str, Any]) -> Path:
+def write_results(name: str, results: dict[str, Any], merge: bool = False) -> Path:
+    """`results/<name>-<machine>.json`; `merge`: into what is there (other keys kept)."""
     RESULTS.mkdir(exist_ok=True)
     label = os.environ.get("VAELINK_BENCH_MACHINE", platform.node() or "unknown")
     path = RESULTS / f"{name}-{label}.json"
-    path.write_text(json.dumps({"machine": machine(), **results}, indent=2) + "\n")
+    old = json.loads(path.read_text()) if merge and path.exists() else {"machine": machine()}
+    path.write_text(json.dumps({**old, **results}, indent=2) + "\n")
     return path
 
 

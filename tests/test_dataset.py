@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,79 +22,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import pil_encode, png_stub
+from conftest import pil_encode
+from dataset_fixtures import (
+    BAD,
+    SETTINGS,
+    assert_bad_listed,
+    expected_pixels,
+    latents_of,
+    photo_files,
+    rows_by_id,
+    write_tree,
+)
 from PIL import Image
 
 import vaelink
 from vaelink.cli import main
 from vaelink.dataset import BucketSpec, LatentDataset, encode_dataset
 from vaelink.dataset.buckets import place
-from vaelink.dtypes import numpy_dtype
-
-# Small buckets keep the bundled model fast on one core; the settings of every run below.
-SETTINGS: dict[str, Any] = {"resolution": 128, "step": 32, "flip": True, "progress": False}
-BAD = {
-    "bad/truncated.jpg": "DecodeError",
-    "bad/notes.png": "DecodeError",
-    "bad/huge.png": "ImageTooLargeError",
-}
-
-
-def _photo_files(photos: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """The scikit-image photos as JPEG, PNG and WebP, at several sizes, an exact copy under
-    another name, and three bad files."""
-    astronaut = pil_encode(photos["astronaut"], "JPEG", quality=92)
-    half = Image.fromarray(photos["coffee"]).resize((300, 200), Image.Resampling.LANCZOS)
-    tall = np.ascontiguousarray(photos["chelsea"][:, 100:300])  # 300 x 200: portrait
-    return {
-        "astronaut.jpg": astronaut,
-        "copies/astronaut.jpg": astronaut,  # the same bytes under another key
-        "cats/chelsea.png": pil_encode(photos["chelsea"], "PNG"),
-        "cats/tall/chelsea-tall.webp": pil_encode(tall, "WEBP", lossless=True),
-        "coffee-small.jpg": pil_encode(np.asarray(half), "JPEG", quality=90),
-        "coffee-tiny.png": pil_encode(photos["coffee"][::8, ::8], "PNG"),  # 50 x 75: upscaled
-        "bad/truncated.jpg": astronaut[: len(astronaut) // 3],
-        "bad/notes.png": b"these are notes, not an image\n",
-        "bad/huge.png": png_stub(100_000, 100_000),
-    }
-
-
-def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
 
 
 @pytest.fixture(scope="module")
 def files(photos: dict[str, np.ndarray]) -> dict[str, bytes]:
-    return _photo_files(photos)
+    return photo_files(photos)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> Any:
     """One uninterrupted run over the photo tree: its report and its rows by (key, flipped)."""
     root = tmp_path_factory.mktemp("dataset")
-    src = _write_tree(root / "src", files)
+    src = write_tree(root / "src", files)
     report = encode_dataset(src, root / "out", batch_size=3, shard_size=4, **SETTINGS)
-    table = pq.read_table(report.folder / "data")  # pyarrow reads the shards as they are
-    rows = {(r["key"], r["flipped"]): r for r in table.to_pylist()}
-    return report, rows, src
-
-
-def _latents(row: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(row["latents"], numpy_dtype(row["dtype"])).reshape(row["shape"])
-
-
-def _expected_pixels(data: bytes, row: dict[str, Any]) -> np.ndarray:
-    """What the model should have seen: vaelink's decoding (Pillow's JPEG decoder rounds
-    differently), then Pillow's Lanczos resize and crop, and the flip, as the row says."""
-    rgb = Image.fromarray(vaelink.decode_image(data))
-    rh, rw = row["resized_size"]
-    if rgb.size != (rw, rh):
-        rgb = rgb.resize((rw, rh), Image.Resampling.LANCZOS)
-    pixels = np.asarray(rgb.crop(tuple(row["crop_box"])))
-    return np.ascontiguousarray(pixels[:, ::-1] if row["flipped"] else pixels)
+    return report, rows_by_id(report.folder), src
 
 
 def test_rows_equal_encode_of_the_preprocessed_image(reference, files):
@@ -123,8 +80,8 @@ def test_rows_equal_encode_of_the_preprocessed_image(reference, files):
         best = min(abs(math.log(bw / bh) - ratio) for bw, bh in buckets)
         assert abs(math.log(tw / th) - ratio) == pytest.approx(best)
         assert abs(rw / rh - w / h) <= 0.02 * (w / h)
-        expected = vaelink.encode(_expected_pixels(data, row))[0]
-        np.testing.assert_allclose(_latents(row), expected, rtol=0, atol=1e-5)
+        expected = vaelink.encode(expected_pixels(data, row))[0]
+        np.testing.assert_allclose(latents_of(row), expected, rtol=0, atol=1e-5)
     # Same bytes under two names: the same latents; a flip is not the same latents.
     a, b = rows[("astronaut.jpg", False)], rows[("copies/astronaut.jpg", False)]
     assert a["latents"] == b["latents"]
@@ -134,10 +91,7 @@ def test_rows_equal_encode_of_the_preprocessed_image(reference, files):
 def test_bad_inputs_are_listed_in_the_manifest_and_strict_fails(reference, tmp_path, capsys):
     report, _, src = reference
     manifest = json.loads((report.folder / "manifest.json").read_text())
-    reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
-    assert set(reasons) == set(BAD)
-    for key, error in BAD.items():
-        assert reasons[key].startswith(error), reasons[key]
+    assert_bad_listed(manifest)
     assert manifest["rows"] == report.rows
     assert sum(s["rows"] for s in manifest["shards"]) == report.rows
     top = json.loads((report.out / "manifest.json").read_text())
@@ -159,7 +113,7 @@ def test_latent_dataset_reads_arrays_and_torch(reference):
     for i in range(len(dataset)):
         item = dataset[i]
         row = rows[(item["key"], item["flipped"])]
-        np.testing.assert_array_equal(item["latents"], _latents(row))
+        np.testing.assert_array_equal(item["latents"], latents_of(row))
         left, top = row["crop_box"][:2]
         assert item["crop_top_left"] == (top, left)
         assert item["original_size"] == tuple(row["original_size"])
@@ -255,8 +209,8 @@ def test_edited_file_is_reencoded_and_its_stale_rows_retired(reference, tmp_path
     assert sorted(r["flipped"] for r in mine) == [False, True]
     for row in mine:
         assert row["sha256"] == hashlib.sha256(edited).hexdigest()
-        expected = vaelink.encode(_expected_pixels(edited, row))[0]
-        np.testing.assert_allclose(_latents(row), expected, rtol=0, atol=1e-5)
+        expected = vaelink.encode(expected_pixels(edited, row))[0]
+        np.testing.assert_allclose(latents_of(row), expected, rtol=0, atol=1e-5)
     others = {(r["key"], r["flipped"]): r["latents"] for r in table if r["key"] != mine[0]["key"]}
     assert others == {k: r["latents"] for k, r in rows.items() if k[0] != "cats/chelsea.png"}
     # A setting that changes latents: a new version beside the old one, never mixed into it.
@@ -286,7 +240,7 @@ def test_nonfinite_latents_are_retried_in_float32_and_reported(reference, tmp_pa
     table = pq.read_table(report.folder / "data").to_pylist()
     assert len(table) == len(rows)
     for row in table:
-        assert np.isfinite(_latents(row)).all()
+        assert np.isfinite(latents_of(row)).all()
         assert row["latents"] == rows[(row["key"], row["flipped"])]["latents"]
 
 

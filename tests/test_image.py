@@ -517,6 +517,30 @@ def test_fit_resize_size_and_close_to_pillow_lanczos(photo, multiple):
         assert np.abs(out.astype(np.int16) - cropped).mean() > 1
 
 
+@pytest.mark.parametrize("size", [(384, 256), (97, 131), (1024, 700)])
+def test_resize_image_is_close_to_pillow_lanczos(photo, size):
+    # Down, odd and up: the same bound as fit_to_multiple's resize (one implementation under both).
+    width, height = size
+    out = vaelink.resize_image(photo, width, height)
+    assert out.shape == (height, width, 3) and out.dtype == np.uint8
+    theirs = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.LANCZOS))
+    diff = np.abs(out.astype(np.int16) - theirs)
+    assert diff.mean() < 0.5, diff.mean()
+    assert np.percentile(diff, 99) <= 3
+    # It resampled the picture, not some other one: far from a plain crop of the same size.
+    crop = photo[:height, :width] if height <= photo.shape[0] and width <= photo.shape[1] else None
+    if crop is not None:
+        assert np.abs(out.astype(np.int16) - crop).mean() > 5
+
+
+def test_resize_image_errors():
+    pixels = np.zeros((10, 9, 3), np.uint8)
+    with pytest.raises(TensorError, match="at least 1"):
+        vaelink.resize_image(pixels, 0, 4)
+    with pytest.raises(EncodeError, match="RGB"):
+        vaelink.resize_image(np.zeros((10, 9), np.uint8), 4, 4)
+
+
 @pytest.mark.parametrize("mode", ["crop", "resize"])
 def test_fit_leaves_multiples_alone(photos, mode):
     rgb = photos["astronaut"]

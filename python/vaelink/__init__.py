@@ -42,7 +42,14 @@ from .errors import (
     VaelinkError,
     VaelinkWarning,
 )
-from .image import decode_image, encode_image, fit_to_multiple, load_rgb, probe_image
+from .image import (
+    decode_image,
+    encode_image,
+    fit_to_multiple,
+    load_rgb,
+    probe_image,
+    resize_image,
+)
 from .latents_file import load_latents, save_latents
 from .processing import pack_latents, postprocess, preprocess, unpack_latents
 from .wire import from_wire, to_wire
@@ -101,6 +108,7 @@ __all__ = [
     "preprocess",
     "probe_image",
     "processing",
+    "resize_image",
     "save_latents",
     "to_bfloat16",
     "to_wire",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -536,6 +537,8 @@ def dataset_command(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"vaelink: error: {error.name} is missing: pip install 'vaelink[dataset]'"
         ) from None
+    if args.ray is not False and importlib.util.find_spec("ray") is None:
+        raise SystemExit("vaelink: error: ray is missing: pip install 'vaelink[ray]'")
     report = encode_dataset(
         args.src,
         args.output,
@@ -560,6 +563,8 @@ def dataset_command(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         key_column=args.key_column,
         progress=False if args.quiet else None,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
     )
     for item in report.skipped:
         print(f"vaelink: skipped {item['key']}: {item['reason']}", file=sys.stderr)
@@ -602,6 +607,18 @@ def _add_dataset(commands: Subcommands) -> None:
     p.add_argument("--image-column", help="Parquet: the column of image bytes")
     p.add_argument("--key-column", help="Parquet: the column of item keys")
     p.add_argument("--strict", action="store_true", help="exit 1 when any input was skipped")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="encode on a Ray cluster with Ray Data (pip install 'vaelink[ray]'): ADDRESS, or "
+        "RAY_ADDRESS, or a new local one",
+    )
+    p.add_argument(
+        "--ray-actors", type=int, help="with --ray: how many actors (default: one per GPU or node)"
+    )
     p.set_defaults(run=dataset_command)
 
 

@@ -12,7 +12,7 @@ content-addressed: `encode_dataset(src, out)` (or `vaelink dataset SRC -o OUT`) 
   one bucket; resumable after any kill, changed sources re-encoded and their stale rows retired,
   non-finite latents retried in float32, bad inputs skipped and listed.
 
-Needs `pip install 'vaelink[dataset]'` (pyarrow, Pillow)."""
+Needs `pip install 'vaelink[dataset]'` (pyarrow)."""
 
 from __future__ import annotations
 

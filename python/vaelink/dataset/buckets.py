@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import TensorError
+from ..image import resize_image
 
 __all__ = ["BucketSpec", "Placement", "prepare_pixels"]
 
@@ -120,10 +121,7 @@ def place(spec: BucketSpec, buckets: list[tuple[int, int]], width: int, height: 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     if pixels.shape[:2] == (height, width):
         return pixels
-    from PIL import Image  # Pillow resamples with the GIL released
-
-    resized = Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(resized)
+    return resize_image(pixels, width, height)  # Lanczos3 in Rust, the GIL released
 
 
 def prepare_pixels(

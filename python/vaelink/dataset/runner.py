@@ -1,6 +1,6 @@
 """`encode_dataset`: a source of images -> a resumable, versioned cache of latents.
 
-Decoding (Rust, GIL released), hashing and resizing (Pillow, GIL released) run in a thread pool
+Decoding (Rust, GIL released), hashing and resizing (Rust's Lanczos3, GIL released) run in a thread pool
 while the engine (ONNX Runtime, GIL released) or the endpoints encode batches of one bucket; one
 thread writes the shards. See `vaelink.dataset.store` for what is on disk and why it survives a
 `kill -9`."""
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +32,15 @@ from .buckets import BucketSpec, Placement, flipped, prepare_pixels
 from .sources import SourceItem, open_source
 from .store import FORMAT, ShardStore, StoredRow
 
-__all__ = ["DatasetReport", "Prepared", "encode_dataset", "item_seed", "prepare_item"]
+__all__ = [
+    "DatasetReport",
+    "Encoder",
+    "Prepared",
+    "encode_dataset",
+    "item_seed",
+    "prepare_item",
+    "prepare_variants",
+]
 
 LatentDType = Literal["float32", "float16", "bfloat16"]
 
@@ -112,71 +120,29 @@ def _rotations(endpoint: Endpoints) -> list[Endpoints]:
     return [targets[i:] + targets[:i] for i in range(len(targets))] or [None]
 
 
-class _Run:
+class Encoder:
+    """Prepared pixels -> rows: the model (one engine, or endpoints), a posterior sample per item's
+    own seed, non-finite latents retried in float32, the row's fields. The local run holds one per
+    run; each Ray actor holds its own (`vaelink.dataset.distributed`)."""
+
     def __init__(
         self,
         vaes: list[VAE],
-        store: ShardStore,
+        version: str,
         spec: BucketSpec,
-        config: dict[str, Any],
         *,
         sample: bool,
         seed: int,
         dtype: LatentDType,
-        batch_size: int,
-        shard_size: int,
-        threads: int,
-        max_pixels: int,
         provider: Provider,
-        report: DatasetReport,
     ) -> None:
-        self.vaes, self.store, self.spec, self.config = vaes, store, spec, config
+        self.vaes, self.version, self.provider = vaes, version, provider
         self.card = vaes[0].card
         self.sample = sample and self.card.has_posterior
         self.seed, self.dtype = seed, dtype
-        self.batch_size, self.shard_size = batch_size, shard_size
-        self.threads, self.max_pixels, self.provider = threads, max_pixels, provider
-        self.report = report
-        self.buckets = spec.buckets()
-        self.variants = 2 if spec.flip else 1
         self.preprocess = json.dumps(spec.parameters(), sort_keys=True)
-        self.stored: dict[tuple[str, bool], list[StoredRow]] = {}
-        for row in store.scan():
-            self.stored.setdefault((row.key, row.flipped), []).append(row)
-        self.current: dict[str, str] = {}  # key -> sha256 of the bytes read this run
-        self.rows: list[dict[str, Any]] = []
+        self.nonfinite: list[dict[str, str]] = []  # `{key, flipped, action}` of float32 retries
         self._float32: Engine | None = None
-
-    # -- the stages ------------------------------------------------------------------------
-
-    def prepare(self, item: SourceItem) -> tuple[str, str, list[Prepared] | str]:
-        """(key, sha256, prepared variants, or why it is skipped / "cached")."""
-        try:
-            data = item.read()
-        except OSError as error:
-            return item.key, "", f"unreadable: {error.strerror or error}"
-        sha = hashlib.sha256(data).hexdigest()
-        missing = {
-            flip
-            for flip in (False, True)[: self.variants]
-            if not any(r.sha256 == sha for r in self.stored.get((item.key, flip), []))
-        }
-        if not missing:
-            return item.key, sha, "cached"
-        try:
-            variants = prepare_item(data, self.spec, self.buckets, self.max_pixels)
-        except (VaelinkError, ValueError, OSError) as error:
-            return item.key, sha, f"{type(error).__name__}: {error}"
-        # A run killed between an item's variants left one of them written: only the other.
-        return (
-            item.key,
-            sha,
-            [
-                Prepared(item.key, sha, p, placement)
-                for p, placement in variants
-                if placement.flipped in missing
-            ],
-        )
 
     def _float32_engine(self) -> Engine:
         if self._float32 is None:
@@ -231,7 +197,7 @@ class _Run:
                 if not np.isfinite(z).all():
                     out.append((item, "non-finite latents, also in float32"))
                     continue
-                self.report.nonfinite.append(
+                self.nonfinite.append(
                     {"key": item.key, "flipped": str(item.placement.flipped), "action": "float32"}
                 )
             stored = z.astype(numpy_dtype(self.dtype))
@@ -245,7 +211,7 @@ class _Run:
         p = item.placement
         return {
             "format": FORMAT,
-            "version": self.store.version,
+            "version": self.version,
             "key": item.key,
             "sha256": item.sha256,
             "flipped": p.flipped,
@@ -264,9 +230,132 @@ class _Run:
             "preprocess": self.preprocess,
         }
 
+
+def prepare_variants(
+    key: str,
+    sha: str,
+    data: bytes,
+    missing: set[bool],
+    spec: BucketSpec,
+    buckets: list[tuple[int, int]],
+    max_pixels: int,
+) -> list[Prepared] | str:
+    """The variants of one item that are `missing` (flipped or not), or why it is skipped."""
+    try:
+        variants = prepare_item(data, spec, buckets, max_pixels)
+    except (VaelinkError, ValueError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    # A run killed between an item's variants left one of them written: only the other.
+    return [
+        Prepared(key, sha, p, placement)
+        for p, placement in variants
+        if placement.flipped in missing
+    ]
+
+
+class _Run:
+    def __init__(
+        self,
+        vaes: list[VAE],
+        store: ShardStore,
+        spec: BucketSpec,
+        config: dict[str, Any],
+        *,
+        sample: bool,
+        seed: int,
+        dtype: LatentDType,
+        batch_size: int,
+        shard_size: int,
+        threads: int,
+        max_pixels: int,
+        provider: Provider,
+        report: DatasetReport,
+    ) -> None:
+        self.vaes, self.store, self.spec, self.config = vaes, store, spec, config
+        self.encoder = Encoder(
+            vaes, store.version, spec, sample=sample, seed=seed, dtype=dtype, provider=provider
+        )
+        self.encoder.nonfinite = report.nonfinite
+        self.batch_size, self.shard_size = batch_size, shard_size
+        self.threads, self.max_pixels = threads, max_pixels
+        self.report = report
+        self.buckets = spec.buckets()
+        self.variants = 2 if spec.flip else 1
+        self.stored: dict[tuple[str, bool], list[StoredRow]] = {}
+        for row in store.scan():
+            self.stored.setdefault((row.key, row.flipped), []).append(row)
+        self.current: dict[str, str] = {}  # key -> sha256 of the bytes read this run
+        self.rows: list[dict[str, Any]] = []
+
+    # -- the stages ------------------------------------------------------------------------
+
+    def check(self, item: SourceItem) -> tuple[str, str, bytes, set[bool] | str]:
+        """(key, sha256, bytes, the variants not yet stored - or why it is skipped / "cached")."""
+        try:
+            data = item.read()
+        except OSError as error:
+            return item.key, "", b"", f"unreadable: {error.strerror or error}"
+        sha = hashlib.sha256(data).hexdigest()
+        missing = {
+            flip
+            for flip in (False, True)[: self.variants]
+            if not any(r.sha256 == sha for r in self.stored.get((item.key, flip), []))
+        }
+        return item.key, sha, data, missing or "cached"
+
+    def prepare(self, item: SourceItem) -> tuple[str, str, list[Prepared] | str]:
+        """(key, sha256, prepared variants, or why it is skipped / "cached")."""
+        key, sha, data, missing = self.check(item)
+        if isinstance(missing, str):
+            return key, sha, missing
+        return (
+            key,
+            sha,
+            prepare_variants(key, sha, data, missing, self.spec, self.buckets, self.max_pixels),
+        )
+
+    def skip(self, key: str, reason: str, n: int, bar: Any) -> None:
+        self.report.skipped.append({"key": key, "reason": reason})
+        bar.update(n)
+
+    def unique(self, items: Iterator[SourceItem], bar: Any) -> Iterator[SourceItem]:
+        """The source's items, each key once (later duplicates skipped and listed)."""
+        seen: set[str] = set()
+        for item in items:
+            if item.key in seen:
+                self.skip(item.key, "duplicate key in the source", self.variants, bar)
+            else:
+                seen.add(item.key)
+                yield item
+
+    def checked(self, key: str, sha: str, result: Any, bar: Any) -> bool:
+        """Records what `check` or `prepare` found; True when there is something to encode."""
+        if sha:
+            self.current[key] = sha
+        if result == "cached":
+            self.report.cached += 1
+            bar.update(self.variants)
+        elif isinstance(result, str):
+            self.skip(key, result, self.variants, bar)
+        else:
+            bar.update(self.variants - len(result))
+            return True
+        return False
+
+    def encoded(self, rows: Iterable[dict[str, Any] | tuple[Prepared, str]], bar: Any) -> None:
+        """Takes an encoded batch: rows to the next shard, non-finite items to the skipped."""
+        for row in rows:
+            if isinstance(row, tuple):
+                self.skip(row[0].key, row[1], 1, bar)
+            else:
+                self.rows.append(row)
+                self.report.encoded += 1
+                bar.update(1)
+        self.flush(force=False)
+
     # -- the loop --------------------------------------------------------------------------
 
-    def _flush(self, force: bool) -> None:
+    def flush(self, force: bool) -> None:
         while self.rows and (force or len(self.rows) >= self.shard_size):
             chunk, self.rows = self.rows[: self.shard_size], self.rows[self.shard_size :]
             self.store.write(chunk)
@@ -274,15 +363,11 @@ class _Run:
     def run(self, items: Iterator[SourceItem], bar: Any) -> None:
         window = max(4 * self.threads, 2 * self.batch_size)
         buffered: dict[tuple[int, int], list[Prepared]] = {}
-        seen: set[str] = set()
         preps: set[Future[Any]] = set()
         encodes: dict[Future[Any], int] = {}
         idle = list(range(len(self.vaes)))
         exhausted = False
-
-        def skip(key: str, reason: str, n: int) -> None:
-            self.report.skipped.append({"key": key, "reason": reason})
-            bar.update(n)
+        unique = self.unique(items, bar)
 
         def submit_encodes() -> None:
             while idle:
@@ -301,7 +386,7 @@ class _Run:
                 if not buffered[bucket]:
                     del buffered[bucket]
                 worker = idle.pop(0)  # the longest idle: every endpoint gets its turn
-                encodes[encoder.submit(self.encode, self.vaes[worker], batch)] = worker
+                encodes[encoder.submit(self.encoder.encode, self.vaes[worker], batch)] = worker
 
         with (
             ThreadPoolExecutor(self.threads, thread_name_prefix="vaelink-prepare") as pool,
@@ -311,13 +396,10 @@ class _Run:
                 while True:
                     held = sum(len(v) for v in buffered.values())
                     while not exhausted and len(preps) + held < window:
-                        item = next(items, None)
+                        item = next(unique, None)
                         if item is None:
                             exhausted = True
-                        elif item.key in seen:
-                            skip(item.key, "duplicate key in the source", self.variants)
                         else:
-                            seen.add(item.key)
                             preps.add(pool.submit(self.prepare, item))
                     submit_encodes()
                     if not preps and not encodes:
@@ -327,35 +409,20 @@ class _Run:
                         if future in preps:
                             preps.discard(future)
                             key, sha, result = future.result()
-                            if sha:
-                                self.current[key] = sha
-                            if result == "cached":
-                                self.report.cached += 1
-                                bar.update(self.variants)
-                            elif isinstance(result, str):
-                                skip(key, result, self.variants)
-                            else:
-                                bar.update(self.variants - len(result))
+                            if self.checked(key, sha, result, bar):
                                 for prepared in result:
                                     target = prepared.placement.target_size
                                     buffered.setdefault(target, []).append(prepared)
                         else:
                             idle.append(encodes.pop(future))
-                            for row in future.result():
-                                if isinstance(row, tuple):
-                                    skip(row[0].key, row[1], 1)
-                                else:
-                                    self.rows.append(row)
-                                    self.report.encoded += 1
-                                    bar.update(1)
-                            self._flush(force=False)
+                            self.encoded(future.result(), bar)
             finally:
                 for future in preps | set(encodes):
                     future.cancel()
                 for future in encodes:  # what finished still gets written
                     if future.done() and not future.cancelled() and future.exception() is None:
                         self.rows += [r for r in future.result() if isinstance(r, dict)]
-                self._flush(force=True)
+                self.flush(force=True)
 
     def stale(self) -> list[StoredRow]:
         """Rows whose source changed since (or that are duplicates): retired after the run."""
@@ -395,6 +462,8 @@ def encode_dataset(
     key_column: str | None = None,
     progress: bool | None = None,
     vae: VAE | None = None,
+    ray: bool | str = False,
+    ray_actors: int | None = None,
 ) -> DatasetReport:
     """Encodes every image of `src` (a folder, a list file, Parquet or WebDataset shards, a
     Hugging Face dataset: `datasets.Dataset`, `hf:NAME[:SPLIT]`, a `save_to_disk` folder) into a
@@ -404,8 +473,17 @@ def encode_dataset(
     Settings that change latents write to another version folder. Bad images are skipped and
     listed (`DatasetReport.skipped`, and the manifest). `endpoint`: as `vaelink.VAE`'s; with a
     list, one encoding thread per endpoint, each falling back along the whole list.
-    `progress`: None draws a bar on a terminal only."""
+    `progress`: None draws a bar on a terminal only.
+
+    `ray`: encode on a Ray cluster with Ray Data (`pip install 'vaelink[ray]'`): True joins the
+    cluster of `RAY_ADDRESS` (or one already initialised), else starts a local one; a string is
+    the cluster's address. The driver reads and hashes the source and writes the shards (the same
+    format, manifest and resumability); actors, each loading the model once, decode, resize and
+    encode: one per GPU, or `ray_actors` (default one per node) sharing the CPUs less one per
+    node for Ray Data's own tasks. See `vaelink.dataset.distributed`."""
     started = time.monotonic()
+    if ray is not False and vae is not None:
+        raise ValueError("vae= cannot travel to Ray actors: pass model= (and endpoint=)")
     spec = BucketSpec(resolution, step, min_side, max_side, mode, no_upscale, flip)
     vaes = (
         [vae]
@@ -451,7 +529,7 @@ def encode_dataset(
             provider=provider,
             report=report,
         )
-        if vae is None and all(v.targets == ("local",) for v in vaes):
+        if not ray and vae is None and all(v.targets == ("local",) for v in vaes):
             vaes[0].engine  # noqa: B018 - load the model before the bar starts
         from tqdm import tqdm
 
@@ -464,7 +542,22 @@ def encode_dataset(
             dynamic_ncols=True,
             file=sys.stderr,
         ) as bar:
-            run.run(iter(source.items), bar)
+            if ray is False:
+                run.run(iter(source.items), bar)
+            else:
+                from .distributed import run_on_ray
+
+                run_on_ray(
+                    run,
+                    iter(source.items),
+                    bar,
+                    model=model,
+                    endpoint=endpoint,
+                    token=token,
+                    provider=provider,
+                    address=ray,
+                    actors=ray_actors,
+                )
         report.retired = store.retire(run.stale())
         report.seconds = time.monotonic() - started
         _finish_manifest(store, config, source.kind, report)

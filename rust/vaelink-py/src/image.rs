@@ -14,6 +14,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(probe_image, m)?)?;
     m.add_function(wrap_pyfunction!(encode_image, m)?)?;
     m.add_function(wrap_pyfunction!(fit_to_multiple, m)?)?;
+    m.add_function(wrap_pyfunction!(resize_image, m)?)?;
     Ok(())
 }
 
@@ -79,4 +80,19 @@ fn fit_to_multiple<'py>(
         .detach(|| process::fit_to_multiple(data, width, height, multiple, mode))
         .py()?;
     to_numpy(py, fitted.data, &[fitted.height, fitted.width, 3])
+}
+
+#[pyfunction]
+fn resize_image<'py>(
+    py: Python<'py>,
+    pixels: PyReadonlyArrayDyn<'py, u8>,
+    width: usize,
+    height: usize,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let [src_height, src_width, _] = shape_of::<3>(pixels.shape(), "an RGB image")?;
+    let data = contiguous(&pixels)?;
+    let resized = py
+        .detach(|| process::resize(data, src_width, src_height, width, height))
+        .py()?;
+    to_numpy(py, resized.data, &[resized.height, resized.width, 3])
 }
