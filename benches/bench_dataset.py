@@ -2,6 +2,8 @@
 
     python benches/bench_dataset.py [--images 16] [--resolution 256] [--reps 3]
     # writes benches/results/dataset-<machine>.json
+    python benches/bench_dataset.py --model kl-small [--images 12] [--reps 3]
+    # the same against diffusers' AutoencoderKL in torch: the "kl_small" key of the same file
     python benches/bench_dataset.py --ray [--images 12] [--reps 2]
     # the local run against Ray Data on a local cluster: the "ray" key of the same file
 
@@ -14,6 +16,10 @@ model (the bundled `vaelink-tiny`) into the same buckets:
   (only its ONNX export), so the loop's model time is vaelink's and only the pipeline differs;
 - `encode_dataset`: decode and resize in threads while the engine encodes batches of one bucket,
   Parquet shards.
+
+`--model kl-small`: the trainer's loop as trainers run it - diffusers' `AutoencoderKL` in torch
+(`models/kl-small`, `latent_dist.mean * scaling_factor`, torch on every core) - against
+`encode_dataset` on the ONNX export of the same weights.
 
 Repetitions interleave the two; each starts from an empty output folder. Medians are reported.
 
@@ -30,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +66,26 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def trainer_loop(paths: list[Path], out: Path, engine: Engine, spec: BucketSpec) -> None:
+def diffusers_encoder(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """One `(H, W, 3)` uint8 image -> scaled posterior-mean latents, by diffusers in torch."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    factor = vae.config.scaling_factor
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            return (vae.encode(x).latent_dist.mean * factor)[0].numpy()
+
+    return encode
+
+
+def trainer_loop(
+    paths: list[Path], out: Path, encode: Callable[[np.ndarray], np.ndarray], spec: BucketSpec
+) -> None:
     from PIL import Image
 
     buckets = spec.buckets()
@@ -69,7 +95,7 @@ def trainer_loop(paths: list[Path], out: Path, engine: Engine, spec: BucketSpec)
         p = place(spec, buckets, *rgb.size)
         rh, rw = p.resized_size
         pixels = np.asarray(rgb.resize((rw, rh), Image.LANCZOS).crop(p.crop_box))
-        latents = engine.encode(pixels[None])[0]
+        latents = encode(pixels)
         np.save(out / f"{path.stem}.npy", latents)
 
 
@@ -80,25 +106,32 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ray", action="store_true", help="the local run against Ray Data")
+    parser.add_argument(
+        "--model",
+        choices=["vaelink-tiny", "kl-small"],
+        default="vaelink-tiny",
+        help="kl-small: the trainer's loop with diffusers' AutoencoderKL in torch",
+    )
     args = parser.parse_args()
     if args.ray:
         return ray_main(args)
     spec = BucketSpec(args.resolution, 64)
-    engine = Engine("vaelink-tiny")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        model, encode, encoder_name = trainer_model(args.model, root)
         (root / "src").mkdir()
         paths = make_photos(root / "src", args.images)
         times: dict[str, list[float]] = {"trainer_loop": [], "encode_dataset": []}
-        trainer_loop(paths[:2], _fresh(root / "warm"), engine, spec)  # load the sessions
+        trainer_loop(paths[:2], _fresh(root / "warm"), encode, spec)  # load the sessions
         for rep in range(args.reps):
             t0 = time.perf_counter()
-            trainer_loop(paths, _fresh(root / "loop"), engine, spec)
+            trainer_loop(paths, _fresh(root / "loop"), encode, spec)
             times["trainer_loop"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             report = encode_dataset(
                 root / "src",
                 _fresh(root / "cache"),
+                model=model,
                 resolution=args.resolution,
                 step=64,
                 batch_size=args.batch_size,
@@ -115,17 +148,49 @@ def main() -> None:
             "resolution": args.resolution,
             "step": 64,
             "batch_size": args.batch_size,
-            "model": "vaelink-tiny (CPU)",
+            "model": f"{args.model} (CPU)",
             "reps": args.reps,
-            "trainer_loop_encoder": "vaelink Engine.encode, one image per call (no diffusers "
-            "weights of the bundled model exist)",
+            "trainer_loop_encoder": encoder_name,
         },
         "seconds": times,
         "images_per_second": {k: round(v, 2) for k, v in rates.items()},
         "speedup": round(rates["encode_dataset"] / rates["trainer_loop"], 2),
     }
     print(results["images_per_second"], "speedup", results["speedup"])
-    print(write_results("dataset", results))
+    if args.model == "kl-small":
+        print(write_results("dataset", {"kl_small": results}, merge=True))
+    else:
+        print(write_results("dataset", results, merge=True))
+
+
+def trainer_model(
+    name: str, root: Path
+) -> tuple[str | Path, Callable[[np.ndarray], np.ndarray], str]:
+    """The model `encode_dataset` gets, the trainer loop's encoder, and what that encoder is."""
+    if name == "vaelink-tiny":
+        engine = Engine("vaelink-tiny")
+        return (
+            name,
+            lambda pixels: engine.encode(pixels[None])[0],
+            "vaelink Engine.encode, one image per call (no diffusers weights of the bundled model "
+            "exist)",
+        )
+    import tomllib
+
+    from diffusers import AutoencoderKL
+
+    from vaelink.cards import ModelCard
+    from vaelink.export import export_vae
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    card = ModelCard.from_dict(tomllib.loads((models / "kl-small.toml").read_text()))
+    vae = AutoencoderKL.from_pretrained(models / "kl-small")
+    folder = export_vae(vae, card, root / "kl-small", variants=("float32",))
+    return (
+        folder,
+        diffusers_encoder(models / "kl-small"),
+        "diffusers AutoencoderKL in torch (models/kl-small), one image per call",
+    )
 
 
 def ray_main(args: argparse.Namespace) -> None:
