@@ -86,6 +86,17 @@ def test_ray_run_gives_the_local_rows_and_manifest(on_ray, local):
     assert all(s["rows"] <= 4 for s in manifest["shards"])
 
 
+def test_ray_data_reads_the_shards_as_they_are(cluster, local):
+    # The format is plain Parquet: Ray Data reads a cache without vaelink, rows and latents intact.
+    _, report, rows = local
+    dataset = cluster.data.read_parquet(str(report.folder / "data"))
+    read = {(r["key"], r["flipped"]): r for r in dataset.take_all()}
+    assert sorted(read) == sorted(rows) and len(read) == report.rows
+    for key, row in read.items():
+        assert bytes(row["latents"]) == rows[key]["latents"]
+        assert row["sha256"] == rows[key]["sha256"]
+
+
 def test_ray_rerun_encodes_only_a_deleted_shard(on_ray, local, tmp_path, capsys):
     src, report, rows = local
     out = shutil.copytree(on_ray.out, tmp_path / "out")
