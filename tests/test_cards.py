@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,29 @@ def test_unknown_model() -> None:
     message = str(error)
     assert message.startswith("unknown model 'sd2'")  # not quoted as KeyError would
     assert "known models: flux1, sd15, sd3, sdxl, taef1, taesd, taesd3, taesdxl" in message
+    with pytest.raises(UnknownModelError) as far:
+        get_card("wan-2.1")
+    assert "did you mean" not in str(far.value)  # nothing close enough to guess
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("sdx", "sdxl"), ("SD15", "sd15"), ("tasd", "taesd")])
+def test_unknown_model_suggests_the_nearest_name(typed: str, meant: str) -> None:
+    with pytest.raises(UnknownModelError, match=f"did you mean '{meant}'\\? known models: "):
+        get_card(typed)
+
+
+def test_models_json_lists_every_card_with_its_exports(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))  # nothing exported there
+    assert cli.main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [entry["name"] for entry in listing] == [card.name for card in list_cards()]
+    for entry in listing:
+        exported = entry.pop("exported")
+        assert ModelCard.from_dict(entry) == get_card(entry["name"])  # the whole card, as data
+        # Only the bundled model is exported here, and it holds both variants.
+        assert exported == (["float32", "float16"] if entry["name"] == "vaelink-tiny" else None)
 
 
 def test_models_command_lists_the_cards(

@@ -212,3 +212,18 @@ def test_export_needs_a_card_or_a_source_and_a_name(hub_cache, capsys):
     assert code == 1 and "give --source and --name" in err
     code, err = run(capsys, "export", "my-vae", "--source", "org/x")
     assert code == 1 and "unknown model 'my-vae'" in err and "--source and --name" in err
+
+
+def test_version_and_defaults_in_help(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # no line wrapping inside a default
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vaelink {vaelink.__version__}"
+    with pytest.raises(SystemExit):
+        main(["encode", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: vaelink-tiny)" in text and "(default: 3)" in text  # --model, --retries
+    assert "(default: None)" not in text and "(default: False)" not in text

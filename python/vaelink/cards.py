@@ -8,6 +8,7 @@ is none of the cards gets a card derived from its config (`card_from_config`).""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -121,8 +122,15 @@ def get_card(name: str) -> ModelCard:
     try:
         return _cards()[name]
     except KeyError:
-        known = ", ".join(sorted(_cards()))
-        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
+        raise UnknownModelError(f"unknown model {name!r}; {known_models_hint(name)}") from None
+
+
+def known_models_hint(name: str) -> str:
+    """ "did you mean 'sdxl'? known models: ..." for a name with no card."""
+    known = sorted(_cards())
+    close = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"{guess}known models: {', '.join(known)}"
 
 
 # -- cards from a diffusers config.json ------------------------------------------------------------

@@ -32,34 +32,44 @@ def demo(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     """Lists the model cards and which of them are exported on this machine, then the exports of
-    models that are none of the cards (custom VAEs, imported or pulled ones)."""
+    models that are none of the cards (custom VAEs, imported or pulled ones); `--json`: the same
+    as a JSON list of cards, each with `exported` (its variants, `null`, or `"corrupt"`)."""
+    import dataclasses
+
     from .cards import list_cards
     from .errors import CorruptExportError, ModelNotExportedError
     from .exports import find_export, list_exports, read_manifest
 
-    print(f"{'model':<10} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
+    rows: list[tuple[Any, list[str] | str | None]] = []
     cards = list_cards()
     for card in cards:
         try:
-            folder = find_export(card.name)
-            status = ",".join(read_manifest(folder, verify=False).variants)
+            status: list[str] | str | None = list(
+                read_manifest(find_export(card.name), verify=False).variants
+            )
         except ModelNotExportedError:
-            status = "-"
+            status = None
         except CorruptExportError:
-            status = "corrupt: export again"
-        _model_row(card, status)
+            status = "corrupt"
+        rows.append((card, status))
     names = {card.name for card in cards}
     for card, folder in list_exports():
         if card.name not in names:
-            _model_row(card, ",".join(read_manifest(folder, verify=False).variants))
+            rows.append((card, list(read_manifest(folder, verify=False).variants)))
+    if args.json:
+        listing = [{**dataclasses.asdict(card), "exported": status} for card, status in rows]
+        print(json.dumps(listing, indent=2))
+        return 0
+    width = max(len("model"), *(len(card.name) for card, _ in rows))
+    print(f"{'model':<{width}} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
+    for card, status in rows:
+        shown = "-" if status is None else "corrupt: export again" if status == "corrupt" else ""
+        shown = shown or ",".join(status or [])
+        print(
+            f"{card.name:<{width}} {card.architecture:<16} {card.latent_channels:>6}  "
+            f"{shown:<28} {card.description}"
+        )
     return 0
-
-
-def _model_row(card: Any, status: str) -> None:
-    print(
-        f"{card.name:<10} {card.architecture:<16} {card.latent_channels:>6}  {status:<28} "
-        f"{card.description}"
-    )
 
 
 def export(args: argparse.Namespace) -> int:
@@ -622,8 +632,26 @@ def _add_dataset(commands: Subcommands) -> None:
     p.set_defaults(run=dataset_command)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already says it or there is
+    none to show (None, False: "off")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaelink", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vaelink", description=__doc__, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"vaelink {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "demo", help="encode and decode a photo with the bundled model; write a side-by-side"
@@ -633,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="a model name or export folder")
     p.set_defaults(run=demo)
     p = commands.add_parser("models", help="list the known models and what is exported")
+    p.add_argument("--json", action="store_true", help="as JSON: the cards and their exports")
     p.set_defaults(run=models)
     p = commands.add_parser("export", help="export a model's VAE to ONNX (needs torch)")
     p.add_argument(
@@ -676,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_decode(commands)
     _add_serve(commands)
     _add_dataset(commands)
+    for command in commands.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
