@@ -69,6 +69,26 @@ def test_encode_reports_and_skips_unreadable_files(sdxl, inputs, tmp_path, capsy
     assert np.array_equal(tensors["latents.1"], local.encode(inputs["astronaut"]))
 
 
+def test_encode_warns_once_per_truncated_jpeg_or_skips_it_when_strict(
+    sdxl, inputs, tmp_path, capsys
+):
+    whole = inputs["astronaut"].read_bytes()
+    cuts = [tmp_path / "in" / f"cut{i}.jpg" for i in range(2)]
+    for path in cuts:
+        path.write_bytes(whole[: len(whole) * 2 // 3])
+    out = tmp_path / "latents.safetensors"
+    code, err = run(capsys, "encode", *cuts, inputs["cat"], "-o", out, "--model", sdxl.folder)
+    assert code == 0 and "encoded 3 of 3 images" in err
+    for path in cuts:  # one line each, naming the file
+        assert err.count(f"vaelink: warning: {path}: truncated JPEG") == 1
+    code, err = run(
+        capsys, "encode", *cuts, inputs["cat"], "-o", out, "--model", sdxl.folder, "--strict"
+    )
+    assert code == 1 and "encoded 1 of 3 images" in err and "2 skipped" in err
+    for path in cuts:
+        assert f"vaelink: skipped {path}: truncated JPEG" in err
+
+
 def test_encode_with_nothing_readable_fails_and_writes_nothing(sdxl, inputs, tmp_path, capsys):
     out = tmp_path / "latents.safetensors"
     code, err = run(capsys, "encode", inputs["notes"], "-o", out, "--model", sdxl.folder)

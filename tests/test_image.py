@@ -7,6 +7,7 @@ import io
 import sys
 import threading
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -14,7 +15,14 @@ import pytest
 from PIL import Image
 
 import vaelink
-from vaelink import DecodeError, EncodeError, ImageTooLargeError, TensorError, VaelinkError
+from vaelink import (
+    DecodeError,
+    EncodeError,
+    ImageTooLargeError,
+    TensorError,
+    VaelinkError,
+    VaelinkWarning,
+)
 from vaelink.image import DEFAULT_MAX_PIXELS, ImageInfo
 
 # -------------------------------------------------------------------------------------------------
@@ -613,10 +621,26 @@ def test_truncated_jpeg_never_crashes(photos, progressive, ref):
     # or a DecodeError, never a crash. Pillow raises OSError here unless LOAD_TRUNCATED_IMAGES.
     for cut in [len(data) // 4, len(data) // 2, len(data) - 2]:
         try:
-            out = vaelink.decode_image(data[:cut])
+            with pytest.warns(VaelinkWarning, match="truncated JPEG"):
+                out = vaelink.decode_image(data[:cut])
         except DecodeError:
             continue
         assert out.shape == photos["chelsea"].shape and out.dtype == np.uint8
+
+
+def test_truncated_jpeg_warns_naming_the_file_or_fails_when_strict(photos, ref, tmp_path):
+    data = ref.pil_encode(photos["chelsea"], "JPEG", quality=90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole JPEG (and PNG) decodes without a word
+        vaelink.decode_image(data, strict=True)
+        vaelink.decode_image(ref.pil_encode(photos["chelsea"], "PNG"), strict=True)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.warns(VaelinkWarning, match=r"cut\.jpg: truncated JPEG.*decode as grey"):
+        vaelink.decode_image(cut)
+    for source in (cut, bytearray(cut.read_bytes()), memoryview(cut.read_bytes())):
+        with pytest.raises(DecodeError, match="truncated JPEG: no end-of-image marker"):
+            vaelink.decode_image(source, strict=True)
 
 
 def test_corrupt_bytes_inside_images_never_crash(photos, rng, ref):

@@ -379,7 +379,7 @@ def encode_command(args: argparse.Namespace) -> int:
     jobs = args.jobs or (1 if vae.targets == ("local",) else 4)
 
     def encode_one(path: str) -> tuple[Any, tuple[int, int]]:
-        pixels = image.decode_image(path)
+        pixels = image.decode_image(path, strict=args.strict)
         latents = vae.encode(pixels, sample=args.sample, seed=args.seed, fit=args.fit)
         return latents, (pixels.shape[1], pixels.shape[0])
 
@@ -527,6 +527,9 @@ def _add_encode_decode(commands: Subcommands) -> None:
     p.add_argument("--fit", choices=("crop", "resize"), default="crop", help="to a multiple of 8")
     p.add_argument("--sample", action="store_true", help="sample the posterior (default: mean)")
     p.add_argument("--seed", type=int, help="seed for --sample")
+    p.add_argument(
+        "--strict", action="store_true", help="a truncated JPEG fails (default: a warning)"
+    )
     p.set_defaults(run=encode_command)
     p = commands.add_parser("decode", help="decode a latents file into image files")
     p.add_argument("latents", nargs="+", help=".safetensors files (from vaelink encode)")

@@ -5,12 +5,13 @@ Pixels are numpy `uint8` arrays of shape `(height, width, 3)`, RGB."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
 from . import _native
-from .errors import DecodeError, EncodeError, TensorError
+from .errors import DecodeError, EncodeError, TensorError, VaelinkWarning
 from .frameworks import is_pil, pil_to_rgb
 
 __all__ = [
@@ -53,6 +54,7 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] | None = None,
+    strict: bool = False,
 ) -> np.ndarray:
     """Decodes JPEG, PNG or WebP bytes (or a file) into a `(H, W, 3)` uint8 RGB array.
 
@@ -61,6 +63,10 @@ def decode_image(
     `convert("RGB")` does; pass `background=(r, g, b)` to composite over that colour instead.
     EXIF orientation is not applied. Raises `DecodeError`, or `ImageTooLargeError` when the header
     declares more than `max_pixels` pixels.
+
+    A JPEG cut short decodes with its missing rows filled in (as libjpeg does): that warns
+    (`VaelinkWarning`, naming the file), or with `strict=True` raises `DecodeError`. Truncated
+    PNG and WebP always raise.
     """
     if max_pixels < 0:
         raise DecodeError(f"max_pixels must not be negative, got {max_pixels}")
@@ -68,7 +74,26 @@ def decode_image(
         len(background) != 3 or not all(0 <= int(c) <= 255 for c in background)
     ):
         raise DecodeError(f"background must be three values in 0..255, got {background!r}")
-    return _native.decode_image(_read_bytes(data), max_pixels, background)
+    raw = _read_bytes(data)
+    if _truncated_jpeg(raw):
+        message = "truncated JPEG: no end-of-image marker after the last scan"
+        if strict:
+            raise DecodeError(message)
+        # The warning alone says which file (a failure is reported with its input by the caller).
+        where = f"{os.fspath(data)}: " if isinstance(data, str | os.PathLike) else ""
+        warnings.warn(f"{where}{message} (its missing rows decode as grey)", VaelinkWarning, 2)
+    return _native.decode_image(raw, max_pixels, background)
+
+
+def _truncated_jpeg(data: BytesLike) -> bool:
+    """A JPEG whose last scan (SOS marker) has no end-of-image marker after it. Markers cannot
+    occur inside entropy-coded data (0xFF is stuffed), and an EXIF thumbnail's own markers come
+    before the main image's scans."""
+    view = bytes(data[:2])
+    if view != b"\xff\xd8":
+        return False
+    raw = data if isinstance(data, bytes | bytearray) else bytes(data)
+    return raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
 
 
 def probe_image(data: BytesLike | str | os.PathLike[str]) -> ImageInfo:

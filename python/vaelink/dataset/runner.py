@@ -25,7 +25,7 @@ from ..api import VAE, Endpoints, Token
 from ..cards import DEFAULT_MODEL
 from ..dtypes import numpy_dtype
 from ..engine import LOGVAR_RANGE, Engine, Provider
-from ..errors import DecodeError, ModelError, NonFiniteOutputError, VaelinkError
+from ..errors import ModelError, NonFiniteOutputError, VaelinkError
 from ..exports import ModelLike
 from ..image import DEFAULT_MAX_PIXELS, decode_image
 from .buckets import BucketSpec, Placement, flipped, prepare_pixels
@@ -79,21 +79,12 @@ def prepare_item(
     data: bytes, spec: BucketSpec, buckets: list[tuple[int, int]], max_pixels: int
 ) -> list[tuple[np.ndarray, Placement]]:
     """Encoded image bytes -> the pixels the model gets, one per variant (the flip second)."""
-    _check_complete(data)
-    pixels, placement = prepare_pixels(decode_image(data, max_pixels=max_pixels), spec, buckets)
+    pixels = decode_image(data, max_pixels=max_pixels, strict=True)  # truncated JPEGs refused
+    pixels, placement = prepare_pixels(pixels, spec, buckets)
     variants = [(pixels, placement)]
     if spec.flip:
         variants.append(flipped(pixels, placement))
     return variants
-
-
-def _check_complete(data: bytes) -> None:
-    """The Rust JPEG decoder fills in what a truncated file lacks (PNG and WebP raise): a JPEG
-    whose last scan (SOS marker) has no end-of-image marker after it was cut short. Markers
-    cannot occur inside entropy-coded data (0xFF is stuffed), and an EXIF thumbnail's own
-    markers come before the main image's scans."""
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise DecodeError("truncated JPEG: no end-of-image marker after the last scan")
 
 
 def item_seed(seed: int, key: str, flip: bool) -> int:
