@@ -247,3 +247,23 @@ def test_version_and_defaults_in_help(
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: vaelink-tiny)" in text and "(default: 3)" in text  # --model, --retries
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, photos):
+    # A real SIGINT to a real `vaelink encode` busy with 300 images (about 20 s of work).
+    import signal
+    import time
+
+    image = tmp_path / "big.png"
+    image.write_bytes(vaelink.encode_image(photos["astronaut"], "png"))
+    command = ["encode", *[str(image)] * 300, "-q", "-o", str(tmp_path / "out.safetensors")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vaelink", *command],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)  # imports done, encoding under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines() == ["vaelink: interrupted"]

@@ -739,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VaelinkError, OSError) as e:
         print(f"vaelink: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, no traceback
+        print("vaelink: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
