@@ -63,8 +63,7 @@ def models(args: argparse.Namespace) -> int:
     width = max(len("model"), *(len(card.name) for card, _ in rows))
     print(f"{'model':<{width}} {'architecture':<16} {'latent':>6}  {'exported':<28} description")
     for card, status in rows:
-        shown = "-" if status is None else "corrupt: export again" if status == "corrupt" else ""
-        shown = shown or ",".join(status or [])
+        shown = _exported_column(status)
         print(
             f"{card.name:<{width}} {card.architecture:<16} {card.latent_channels:>6}  "
             f"{shown:<28} {card.description}"
@@ -633,6 +632,15 @@ def _add_dataset(commands: Subcommands) -> None:
         "--ray-actors", type=int, help="with --ray: how many actors (default: one per GPU or node)"
     )
     p.set_defaults(run=dataset_command)
+
+
+def _exported_column(status: list[str] | str | None) -> str:
+    """The `models` table's cell: the exported variants, "-" for none, or what is wrong."""
+    if status is None:
+        return "-"
+    if status == "corrupt":
+        return "corrupt: export again"
+    return ",".join(status)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
