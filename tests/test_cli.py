@@ -267,3 +267,24 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, photos):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert err.strip().splitlines() == ["vaelink: interrupted"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--autoscale", "3"],
+        ["--autoscale", "a:b"],
+        ["--replicas", "0"],
+        ["--replicas", "2", "--autoscale", "1:2"],
+    ],
+)
+def test_serve_on_ray_refuses_bad_scaling_before_starting_anything(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--ray", *args])
+    assert exit_.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_serve_on_ray_refuses_haproxy_for_a_running_cluster(capsys):
+    # The ingress of a cluster is its own (chosen where it starts): refused before connecting.
+    assert main(["serve", "--ray", "127.0.0.1:1", "--ingress", "haproxy"]) != 0
+    assert "RAY_SERVE_ENABLE_HA_PROXY" in capsys.readouterr().err

@@ -69,8 +69,9 @@ def deserialize_safetensors(
 @final
 class HttpClient:
     """A pooled HTTP/1.1 + HTTP/2 client (rustls TLS, proxies from the environment) with
-    retries: exponential backoff with jitter on connection errors and `retry_statuses`, honouring
-    `Retry-After` up to `max_retry_after` seconds. Thread-safe; requests release the GIL."""
+    retries: exponential backoff with jitter on connection errors, on a proxy's 500/502 (no JSON
+    error body: its upstream was lost) and on `retry_statuses`, honouring `Retry-After` up to
+    `max_retry_after` seconds. Thread-safe; requests release the GIL."""
 
     def __new__(
         cls,

@@ -21,6 +21,9 @@ from .errors import RemoteError, RemoteRequestError, VaelinkError, VaelinkWarnin
 if TYPE_CHECKING:
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
+LOCAL_RAY = "local"
+"""`--ray` without an address: a local cluster started by the command."""
+
 
 def demo(args: argparse.Namespace) -> int:
     """Encodes and decodes a photo with the bundled model (offline) and writes a side-by-side."""
@@ -158,6 +161,8 @@ def serve(args: argparse.Namespace) -> int:
     token = _serve_token(args)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"vaelink: warning: serving on {args.host} without a token", file=sys.stderr)
+    if args.ray is not None:
+        return _serve_on_ray(args, token=token, limits=limits, batching=batching, guards=guards)
     run_server(
         args.model or [DEFAULT_MODEL],
         host=args.host,
@@ -172,6 +177,46 @@ def serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, **settings: Any) -> int:
+    """`vaelink serve --ray`: the same app as Ray Serve replicas, until interrupted."""
+    try:
+        from .server import ray_serve
+    except ImportError as error:
+        raise SystemExit(f"vaelink: {error}") from None
+    replicas = ray_serve.Replicas(
+        count=args.replicas,
+        autoscale=args.autoscale,
+        gpus=args.gpus_per_replica,
+        cpus=args.cpus_per_replica,
+    )
+    app = ray_serve.application(
+        args.model or [DEFAULT_MODEL],
+        provider=args.provider,
+        warmup=not args.no_warmup,
+        graceful_timeout=args.graceful_timeout,
+        replicas=replicas,
+        **settings,
+    )
+    count = f"{args.autoscale[0]}-{args.autoscale[1]}" if args.autoscale else args.replicas
+    ready = f"vaelink: serving at http://{args.host}:{args.port}/ on Ray Serve ({count} replicas)"
+    ray_serve.run(
+        app,
+        address=None if args.ray == LOCAL_RAY else args.ray,
+        host=args.host,
+        port=args.port,
+        ingress=args.ingress,
+        on_ready=lambda: print(ready, file=sys.stderr, flush=True),
+    )
+    return 0
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise argparse.ArgumentTypeError(f"MIN:MAX, as 1:4; got {text!r}")
+    return int(low), int(high)
 
 
 def _serve_token(args: argparse.Namespace) -> str | None:
@@ -306,6 +351,32 @@ def _add_serve(commands: Subcommands) -> None:
     )
     p.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    ray = p.add_argument_group(
+        "Ray Serve (needs [ray-serve])",
+        "the same app as Ray Serve replicas; the connection guards (--header-timeout, "
+        "--max-connections, --keep-alive) are then the ingress's",
+    )
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL_RAY,
+        metavar="ADDRESS",
+        help="serve on a Ray cluster: ADDRESS (auto, HOST:PORT, ray://HOST:10001), or without "
+        "one a local cluster started here (or RAY_ADDRESS's)",
+    )
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=_positive, default=1, help="replicas to run")
+    scale.add_argument(
+        "--autoscale", type=_autoscale, metavar="MIN:MAX", help="let Serve scale between these"
+    )
+    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions share a GPU")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0)
+    ray.add_argument(
+        "--ingress",
+        choices=("proxy", "haproxy"),
+        default="proxy",
+        help="Serve's Python proxy, or HAProxy (a cluster started here only)",
     )
     p.set_defaults(run=serve)
 

@@ -269,7 +269,8 @@ def error_response(
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _status_of(error: Exception) -> tuple[int, str, dict[str, str]]:
+def status_of(error: Exception) -> tuple[int, str, dict[str, str]]:
+    """The status, message and headers that answer a request that failed with `error`."""
     if isinstance(error, RejectedRequestError):
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
         return error.status, str(error), headers
@@ -496,7 +497,7 @@ def _predict(op: str | None) -> Handler:
             response.background = BackgroundTask(hold.release)
         except Exception as error:
             hold.release()
-            status, message, headers = _status_of(error)
+            status, message, headers = status_of(error)
             if _unread_body(request):  # refused before its body was read: not worth reading
                 headers["Connection"] = "close"
             response = error_response(status, message, headers)
@@ -555,7 +556,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _auth_or_internal_error(request: Request, exc: Exception) -> Response:
-    status, message, headers = _status_of(exc)
+    status, message, headers = status_of(exc)
     return error_response(status, message, headers)
 
 

@@ -304,6 +304,18 @@ fn deadline_passed(url: &reqwest::Url) -> Attempt {
     }
 }
 
+/// How an error answer counts for retrying: an upstream failure when a proxy, not the endpoint,
+/// wrote it (a 500 or 502 without a JSON error body - every protocol endpoint answers JSON).
+fn status_failure(status: u16, body: &[u8]) -> Failure {
+    let from_endpoint =
+        serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|value| value.is_object());
+    if matches!(status, 500 | 502) && !from_endpoint {
+        Failure::Upstream
+    } else {
+        Failure::Status(status)
+    }
+}
+
 /// An attempt that went wrong, with what the retry policy needs to know about it.
 struct Attempt {
     error: HttpError,
@@ -434,7 +446,7 @@ impl Inner {
                     retry_after,
                     attempts: 1,
                 },
-                failure: Failure::Status(status),
+                failure: status_failure(status, &body),
                 retry_after,
             });
         }
@@ -724,6 +736,39 @@ mod tests {
             seen.iter().all(|s| s.body == b"x"),
             "the body is sent again"
         );
+    }
+
+    #[test]
+    fn a_proxys_500_or_502_is_retried_the_endpoints_own_500_is_not() {
+        let proxy = |status| {
+            (
+                status,
+                vec![("content-type", "text/plain".to_string())],
+                b"Internal Server Error".to_vec(),
+            )
+        };
+        let server = FakeServer::start(vec![proxy(500), proxy(502), ok(b"done")]);
+        let response = fast_client()
+            .execute(Request::post(server.url.clone(), b"x".to_vec()))
+            .unwrap();
+        assert_eq!((&response.body[..], response.attempts), (&b"done"[..], 3));
+
+        let server = FakeServer::start(vec![error(500, vec![]), ok(b"never")]);
+        let err = fast_client()
+            .execute(Request::post(server.url.clone(), b"x".to_vec()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HttpError::Status {
+                    status: 500,
+                    attempts: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(server.seen().len(), 1);
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub enum Failure {
     Timeout,
     /// A complete response with this error status.
     Status(u16),
+    /// A 500 or 502 that is not the endpoint's own answer (no JSON error body): a proxy in front
+    /// of it (a load balancer, Ray Serve's proxy) lost its upstream mid-request, as a broken
+    /// connection would. Retried as one.
+    Upstream,
     /// Something no retry can fix: a response over the size limit, a redirect loop, a request
     /// that cannot be built.
     Fatal,
@@ -68,7 +72,7 @@ impl RetryPolicy {
     /// Whether a failure of this kind is worth another attempt (retries left aside).
     pub fn is_retryable(&self, failure: Failure) -> bool {
         match failure {
-            Failure::Connect | Failure::Transport => self.retry_connect,
+            Failure::Connect | Failure::Transport | Failure::Upstream => self.retry_connect,
             Failure::Timeout => self.retry_timeouts,
             Failure::Status(status) => self.retry_statuses.contains(&status),
             Failure::Fatal => false,
