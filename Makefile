@@ -1,24 +1,33 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (everything CI runs).
 # Both set up ./.venv from the project's own files; nothing else needs installing by hand.
 
-VENV   ?= .venv
-PYTHON := $(VENV)/bin/python
-PIP    := $(PYTHON) -m pip install --quiet
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+PIP     := $(PYTHON) -m pip install --quiet
+# The local engine's runtime for `make demo`: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both.
+RUNTIME ?= cpu
 
-.PHONY: demo test lint typecheck rust-test py-test bench venv
+.PHONY: demo test lint typecheck rust-test py-test bench venv pip
 
 $(PYTHON):
 	python3 -m venv $(VENV)
 
 venv: $(PYTHON)
 
-# The bundled model and sample photo ship inside the package: no extra, no download, no torch.
-demo: $(PYTHON)
-	$(PIP) -e .
+# pip >= 25.1 installs pyproject.toml's dependency groups (`--group`); a new venv may have an older
+# one. Already satisfied, this asks no index.
+pip: $(PYTHON)
+	$(PIP) 'pip>=25.1'
+
+# The bundled model and sample photo ship inside the package: no download, no torch; only the
+# engine's runtime, `make demo RUNTIME=gpu` for onnxruntime-gpu.
+demo: pip
+	$(PIP) -e '.[$(RUNTIME)]'
 	$(VENV)/bin/vaelink demo
 
-test: $(PYTHON)
-	$(PIP) -e '.[dev]'
+# The dev group (tests, benches, linters) brings vaelink[cpu,...] with it.
+test: pip
+	$(PIP) --group dev -e .
 	$(MAKE) rust-test lint py-test
 
 rust-test:
@@ -39,6 +48,6 @@ typecheck:
 py-test:
 	$(PYTHON) -m pytest
 
-bench: $(PYTHON)
-	$(PIP) -e '.[bench]'
+bench: pip
+	$(PIP) --group bench -e .
 	$(PYTHON) benches/bench_core.py

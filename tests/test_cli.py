@@ -69,6 +69,36 @@ def test_encode_reports_and_skips_unreadable_files(sdxl, inputs, tmp_path, capsy
     assert np.array_equal(tensors["latents.1"], local.encode(inputs["astronaut"]))
 
 
+def test_encode_takes_folders_recursively(sdxl, inputs, tmp_path, capsys):
+    nested = tmp_path / "in" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "cat2.PNG").write_bytes(inputs["cat"].read_bytes())
+    out = tmp_path / "latents.safetensors"
+    code, err = run(capsys, "encode", tmp_path / "in", "-o", out, "--model", sdxl.folder)
+    assert code == 1  # cut.png is an image by name, and cut: reported; notes.txt is not looked at
+    assert f"vaelink: skipped {inputs['cut']}: " in err and "notes.txt" not in err
+    tensors, metadata = vaelink.load_latents(out)
+    files = [str(inputs["astronaut"]), str(inputs["cat"]), str(nested / "cat2.PNG")]
+    assert json.loads(metadata["files"]) == files  # sorted, the nested folder's too
+    assert metadata["complete"] == "true"
+    np.testing.assert_array_equal(tensors["latents.1"], tensors["latents.2"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run(capsys, "encode", empty, "-o", tmp_path / "none.safetensors")
+    assert code == 1 and f"no images found in {empty}" in err
+
+
+def test_encode_with_a_dead_endpoint_says_so_once(sdxl, inputs, tmp_path, capsys):
+    out = tmp_path / "latents.safetensors"
+    files = [inputs["cat"], inputs["astronaut"], inputs["cat"], inputs["astronaut"]]
+    dead = ["--endpoint", closed_port_url(), "--retries", "0", "-j", "2"]
+    code, err = run(capsys, "encode", *files, "-o", out, "--model", sdxl.folder, *dead)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaelink: error: "), lines
+    assert not out.exists()  # nothing was encoded: nothing written
+
+
 def test_encode_warns_once_per_truncated_jpeg_or_skips_it_when_strict(
     sdxl, inputs, tmp_path, capsys
 ):
@@ -262,11 +292,21 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, photos):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(6)  # imports done, encoding under way
+    time.sleep(8)  # imports done, encoding under way
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
-    assert err.strip().splitlines() == ["vaelink: interrupted"]
+    kept, interrupted = err.strip().splitlines()
+    assert interrupted == "vaelink: interrupted"
+    # What was finished is kept, written whole, and says it is not all.
+    tensors, metadata = vaelink.load_latents(tmp_path / "out.safetensors")
+    assert (
+        kept
+        == f"vaelink: kept the {len(tensors)} of 300 images encoded in {tmp_path / 'out.safetensors'}"
+    )
+    assert 0 < len(tensors) < 300 and metadata["complete"] == "false"
+    assert json.loads(metadata["files"]) == [str(image)] * len(tensors)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize(

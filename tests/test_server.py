@@ -6,8 +6,11 @@ and batching, the bounded queue, auth, graceful shutdown and the command line.""
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,10 @@ from server_fixtures import (
 )
 
 import vaelink
+from vaelink.cli import build_parser, main
 from vaelink.engine import Engine
 from vaelink.server import Batching, Limits, create_app
+from vaelink.server.runner import JsonFormatter
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers: do_scaling
 
@@ -619,6 +625,31 @@ def test_metrics(server):
     assert "vaelink_requests_in_flight" in m
 
 
+def test_metrics_of_the_process(server):
+    m = parse_metrics(requests.get(server.url + "/metrics").text)
+    assert m["process_resident_memory_bytes"] > 0
+    assert m["process_open_fds"] > 0
+    assert metric_sum(m, "python_info", implementation="CPython") == 1
+    assert metric_sum(m, "python_gc_collections_total") > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/nope", 404, set()),
+        ("POST", "/sdxl/nope", 404, set()),
+        ("GET", "/", 405, {"POST"}),
+        ("GET", "/sdxl/decode", 405, {"POST"}),
+        ("DELETE", "/health", 405, {"GET", "HEAD"}),
+    ],
+)
+def test_unknown_paths_and_wrong_methods_are_json(server, method, path, status, allow):
+    """`/{model}` routes take any first segment: a wrong method is 405 only for a served model."""
+    response = requests.request(method, server.url + path)
+    assert_json_error(response, status)
+    assert set(filter(None, response.headers.get("allow", "").split(", "))) == allow
+
+
 # -- concurrency and batching --------------------------------------------------------------------
 
 
@@ -759,10 +790,11 @@ class CliServer:
 
 @contextmanager
 def cli_server(args: list[str], env: dict[str, str]) -> Iterator[CliServer]:
-    """`python -m vaelink serve ARGS` on a free port, as a user runs it; stopped with SIGTERM on
-    exit, after which its output and exit code are filled in."""
-    port = free_port()
-    command = [sys.executable, "-m", "vaelink", "serve", *args, "--port", str(port)]
+    """`python -m vaelink serve ARGS` on a free port (or VAELINK_PORT's), as a user runs it;
+    stopped with SIGTERM on exit, after which its output and exit code are filled in."""
+    port = int(env.get("VAELINK_PORT") or free_port())
+    port_arg = [] if "VAELINK_PORT" in env else ["--port", str(port)]
+    command = [sys.executable, "-m", "vaelink", "serve", *args, *port_arg]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = CliServer(f"http://127.0.0.1:{port}")
     try:
@@ -833,3 +865,121 @@ def test_cli_serve_defaults_to_the_bundled_model(tmp_path: Path):
         )
         np.testing.assert_array_equal(image.numpy(), engine.decode(z.numpy()))
     assert "Traceback" not in server.output, server.output
+
+
+def test_cli_serve_prints_what_it_serves_once_listening(tmp_path: Path):
+    env = dict(os.environ, VAELINK_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    with cli_server(["--no-warmup"], env) as server:
+        pass
+    assert "model vaelink-tiny: provider cpu, dtype float32" in server.output, server.output
+    assert f"vaelink serving at {server.url}/" in server.output, server.output
+
+
+def test_cli_serve_takes_its_options_from_the_environment_and_logs_json(models, tmp_path: Path):
+    folders = [str(models[name].folder) for name in ("sdxl", "flux1")]
+    env = dict(
+        os.environ,
+        VAELINK_HOME=str(tmp_path),
+        VAELINK_PORT=str(free_port()),
+        VAELINK_MODEL=",".join(folders),
+        VAELINK_MAX_BATCH="3",
+        VAELINK_MAX_QUEUE="7",
+        VAELINK_NO_WARMUP="1",
+        VAELINK_LOG_FORMAT="json",
+    )
+    with cli_server(["--max-queue", "9"], env) as server:  # the command line wins
+        info = requests.get(server.url + "/info").json()
+        assert sorted(info["models"]) == ["flux1", "sdxl"]
+        assert info["batching"]["max_batch"] == 3 and info["batching"]["max_queue"] == 9
+    assert server.returncode in (0, -signal.SIGTERM), server.output
+    records = [json.loads(line) for line in server.output.splitlines() if line.strip()]
+    for record in records:
+        assert set(record) >= {"time", "level", "logger", "message"}, record
+        assert datetime.fromisoformat(record["time"]).tzinfo is not None
+    messages = {record["logger"]: [] for record in records}
+    for record in records:
+        messages[record["logger"]].append(record["message"])
+    assert "model flux1: provider cpu, dtype float32" in messages["vaelink.server"]
+    assert f"vaelink serving at {server.url}/ (Press CTRL+C to quit)" in messages["vaelink.server"]
+    assert any('"GET /info HTTP/1.1" 200' in m for m in messages["uvicorn.access"]), messages
+    assert any("Started server process" in m for m in messages["uvicorn.error"]), messages
+
+
+def test_json_log_line_carries_the_exception():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "vaelink.server", logging.ERROR, "", 0, "failed: %s", ("x",), None
+        )
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR" and entry["message"] == "failed: x"
+    assert "ValueError: boom" in entry["exception"]
+
+
+def test_cli_serve_options_from_the_environment(monkeypatch, capsys):
+    """VAELINK_<OPTION> for every option (lists comma-separated, flags 1/true); the command line
+    overrides them, VAELINK_MODEL's list included."""
+    env = {
+        "VAELINK_HOST": "0.0.0.0",
+        "VAELINK_PORT": "9123",
+        "VAELINK_MODEL": "sdxl, flux1",
+        "VAELINK_NO_BATCHING": "true",
+        "VAELINK_MAX_WAIT_MS": "2.5",
+        "VAELINK_PROVIDER": "cpu",
+        "VAELINK_TOKEN_FILE": "/run/secret",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 9123, ["sdxl", "flux1"])
+    assert (args.no_batching, args.max_wait_ms, args.provider) == (True, 2.5, "cpu")
+    assert args.token_file == "/run/secret" and args.environment_errors == []
+    args = build_parser().parse_args(["serve", "--port", "80", "--model", "a", "--model", "b"])
+    assert (args.port, args.model) == (80, ["a", "b"])
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "the port to listen on (default: 9123)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("VAELINK_PORT", "abc", "not a valid value for --port"),
+        ("VAELINK_PORT", "0", "must be at least 1"),
+        ("VAELINK_PROVIDER", "tpu", "choose from auto, cpu, cuda"),
+        ("VAELINK_NO_WARMUP", "maybe", "expected one of 1, true, yes, on, 0, false"),
+    ],
+)
+def test_cli_serve_bad_environment_variable_is_a_usage_error(
+    monkeypatch, capsys, name, value, says
+):
+    monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"vaelink serve: error: {name}={value!r}: {says}") and err.count("\n") == 1
+    )
+    build_parser().parse_args(["models"])  # the other commands do not care
+
+
+def test_cli_serve_fails_at_once_on_a_taken_port(tmp_path: Path):
+    """The port is bound before any model loads: the error is the port's, not the model's (sdxl
+    is not exported in this empty home), in one line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "vaelink", "serve", "--model", "sdxl", "--port", str(port)],
+            env=dict(os.environ, VAELINK_HOME=str(tmp_path)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    expected = f"vaelink: error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert result.stderr == expected

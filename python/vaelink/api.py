@@ -17,7 +17,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, Unpack, overload
+
+import numpy as np
+import numpy.typing as npt
 
 from ._native import HttpClient
 from .backend import Backend
@@ -46,6 +49,9 @@ from .errors import (
 )
 from .exports import Model, ModelLike, resolve_model
 from .remote import RemoteBackend, RemoteEndpoint, endpoint_tokens
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "LOCAL",
@@ -97,31 +103,43 @@ class VAEOptions(TypedDict, total=False):
     client: HttpClient | None
 
 
-class EncodeOptions(TypedDict, total=False):
-    """`VAE.encode`'s keyword arguments."""
-
+class _EncodeSettings(TypedDict, total=False):
     sample: bool
     seed: int | None
     fit: Fit | None
+
+
+class EncodeOptions(_EncodeSettings, total=False):
+    """`VAE.encode`'s keyword arguments."""
+
     output: EncodeOutput | None
 
 
-class DecodeOptions(TypedDict, total=False):
-    """`VAE.decode`'s keyword arguments."""
-
+class _DecodeSettings(TypedDict, total=False):
     height: int | None
     width: int | None
-    output: DecodeOutput | None
     quality: int
     wire_dtype: DTypeName | None
 
 
-class _EncodeCall(EncodeOptions, VAEOptions, total=False):
-    pass
+class DecodeOptions(_DecodeSettings, total=False):
+    """`VAE.decode`'s keyword arguments."""
+
+    output: DecodeOutput | None
 
 
-class _DecodeCall(DecodeOptions, VAEOptions, total=False):
-    pass
+class _EncodeCall(_EncodeSettings, VAEOptions, total=False):
+    """`vaelink.encode`'s keyword arguments but `output` (a parameter of its own: overloads)."""
+
+
+class _DecodeCall(_DecodeSettings, VAEOptions, total=False):
+    """`vaelink.decode`'s keyword arguments but `output`."""
+
+
+Pixels = npt.NDArray[np.uint8]
+"""uint8 `[B, H, W, 3]` images."""
+Latents = npt.NDArray[np.floating[Any]]
+"""`[B, C, h, w]` latents: float32 from the local engine, an endpoint's own float dtype."""
 
 
 def _targets(endpoint: Endpoints) -> tuple[str | tuple[str, str | None], ...]:
@@ -310,6 +328,26 @@ class VAE:
 
     # -- encode and decode ----------------------------------------------------------------------
 
+    @overload
+    def encode(
+        self,
+        images: ImageInput,
+        *,
+        sample: bool = ...,
+        seed: int | None = ...,
+        fit: Fit | None = ...,
+        output: Literal["numpy"],
+    ) -> Latents: ...
+    @overload
+    def encode(
+        self,
+        images: ImageInput,
+        *,
+        sample: bool = ...,
+        seed: int | None = ...,
+        fit: Fit | None = ...,
+        output: EncodeOutput | None = ...,
+    ) -> Any: ...
     def encode(
         self,
         images: ImageInput,
@@ -350,6 +388,50 @@ class VAE:
 
         return encode_output(self._first_answer(run), output, batch.like)
 
+    @overload
+    def decode(
+        self,
+        latents: LatentInput,
+        *,
+        height: int | None = ...,
+        width: int | None = ...,
+        output: Literal["numpy"],
+        quality: int = ...,
+        wire_dtype: DTypeName | None = ...,
+    ) -> Pixels: ...
+    @overload
+    def decode(
+        self,
+        latents: LatentInput,
+        *,
+        height: int | None = ...,
+        width: int | None = ...,
+        output: Literal["pil"],
+        quality: int = ...,
+        wire_dtype: DTypeName | None = ...,
+    ) -> list[Image.Image]: ...
+    @overload
+    def decode(
+        self,
+        latents: LatentInput,
+        *,
+        height: int | None = ...,
+        width: int | None = ...,
+        output: Literal["png", "jpeg", "webp"],
+        quality: int = ...,
+        wire_dtype: DTypeName | None = ...,
+    ) -> list[bytes]: ...
+    @overload
+    def decode(
+        self,
+        latents: LatentInput,
+        *,
+        height: int | None = ...,
+        width: int | None = ...,
+        output: DecodeOutput | None = ...,
+        quality: int = ...,
+        wire_dtype: DTypeName | None = ...,
+    ) -> Any: ...
     def decode(
         self,
         latents: LatentInput,
@@ -381,11 +463,11 @@ class VAE:
 
     async def aencode(self, images: ImageInput, **options: Unpack[EncodeOptions]) -> Any:
         """`encode` in a worker thread (the request and the engine run without the GIL)."""
-        return await asyncio.to_thread(self.encode, images, **options)
+        return await asyncio.to_thread(lambda: self.encode(images, **options))
 
     async def adecode(self, latents: LatentInput, **options: Unpack[DecodeOptions]) -> Any:
         """`decode` in a worker thread."""
-        return await asyncio.to_thread(self.decode, latents, **options)
+        return await asyncio.to_thread(lambda: self.decode(latents, **options))
 
 
 # -- one-call functions ---------------------------------------------------------------------------
@@ -416,25 +498,84 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return vae, {k: v for k, v in options.items() if k not in _VAE_KEYS}
 
 
+@overload
+def encode(
+    images: ImageInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: Literal["numpy"],
+    **options: Unpack[_EncodeCall],
+) -> Latents: ...
+@overload
+def encode(
+    images: ImageInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: EncodeOutput | None = ...,
+    **options: Unpack[_EncodeCall],
+) -> Any: ...
 def encode(
     images: ImageInput,
     model: ModelLike = DEFAULT_MODEL,
     endpoint: Endpoints = None,
+    *,
+    output: EncodeOutput | None = None,
     **options: Unpack[_EncodeCall],
 ) -> Any:
     """Images -> scaled latents with `model`, locally (no endpoint), on an endpoint, or on the first
-    of a list that answers (`[url, ..., "local"]`). Takes `VAE`'s options and `VAE.encode`'s."""
+    of a list that answers (`[url, ..., "local"]`). Takes `VAE`'s options and `VAE.encode`'s;
+    returns what `VAE.encode` does."""
     vae_options, call = _split_options(dict(options))
-    return shared_vae(model, endpoint, vae_options).encode(images, **call)
+    return shared_vae(model, endpoint, vae_options).encode(images, output=output, **call)
 
 
+@overload
+def decode(
+    latents: LatentInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: Literal["numpy"],
+    **options: Unpack[_DecodeCall],
+) -> Pixels: ...
+@overload
+def decode(
+    latents: LatentInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: Literal["pil"],
+    **options: Unpack[_DecodeCall],
+) -> list[Image.Image]: ...
+@overload
+def decode(
+    latents: LatentInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: Literal["png", "jpeg", "webp"],
+    **options: Unpack[_DecodeCall],
+) -> list[bytes]: ...
+@overload
+def decode(
+    latents: LatentInput,
+    model: ModelLike = ...,
+    endpoint: Endpoints = ...,
+    *,
+    output: DecodeOutput | None = ...,
+    **options: Unpack[_DecodeCall],
+) -> Any: ...
 def decode(
     latents: LatentInput,
     model: ModelLike = DEFAULT_MODEL,
     endpoint: Endpoints = None,
+    *,
+    output: DecodeOutput | None = None,
     **options: Unpack[_DecodeCall],
 ) -> Any:
     """Scaled latents -> images with `model`, locally or remotely as for `encode`. Takes `VAE`'s
-    options and `VAE.decode`'s."""
+    options and `VAE.decode`'s; returns what `VAE.decode` does for `output`."""
     vae_options, call = _split_options(dict(options))
-    return shared_vae(model, endpoint, vae_options).decode(latents, **call)
+    return shared_vae(model, endpoint, vae_options).decode(latents, output=output, **call)

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeAlias, get_args
 import numpy as np
 
 from . import processing
-from .dtypes import DTypeName, bfloat16, to_float32
+from .dtypes import DTypeName, is_bfloat16, to_float32
 from .errors import TensorError
 from .frameworks import PILImage, Tensor, is_torch, pil_images, to_numpy, to_torch, torch
 from .image import encode_image, fit_to_multiple, load_rgb
@@ -146,7 +146,7 @@ def as_image_batch(images: ImageInput | ImageBatch, multiple: int, fit: Fit | No
     if isinstance(images, np.ndarray):
         if images.dtype == np.uint8:
             return ImageBatch(_stack(_pixel_list(images), multiple, fit), pixels=True)
-        if images.dtype.kind == "f" or images.dtype == bfloat16:
+        if images.dtype.kind == "f" or is_bfloat16(images.dtype):
             _check_floats(images.shape)
             x = np.ascontiguousarray(to_float32(images))
             return ImageBatch(x if x.ndim == 4 else x[None], pixels=False)
@@ -183,7 +183,9 @@ class LatentBatch:
     def numpy(self) -> np.ndarray:
         """The latents on the host, for the wire (float32, float16 or bfloat16)."""
         array = to_numpy(self.data)
-        return array if array.dtype in (np.float32, np.float16, bfloat16) else to_float32(array)
+        if array.dtype in (np.float32, np.float16) or is_bfloat16(array.dtype):
+            return array
+        return to_float32(array)
 
     def unpacked(self) -> Any:
         """`[B, C, h, w]` float32, where the data lives."""
@@ -213,7 +215,7 @@ def as_latent_batch(
         return latents
     like = latents if is_torch(latents) else None
     data: Any = latents if like is not None else np.asarray(latents)
-    if like is None and data.dtype.kind not in "fc" and data.dtype != bfloat16:
+    if like is None and data.dtype.kind not in "fc" and not is_bfloat16(data.dtype):
         data = data.astype(np.float32)  # integers
     shape = tuple(data.shape)
     if 0 in shape:

@@ -130,6 +130,9 @@ def serve(args: argparse.Namespace) -> int:
     from .server import Batching, Guards, Limits
     from .server import serve as run_server
 
+    if args.environment_errors:  # found while building the parser: reported for `serve` only
+        print(f"vaelink serve: error: {args.environment_errors[0]}", file=sys.stderr)
+        return 2
     for package in ("starlette", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(package) is None:
             raise SystemExit(
@@ -175,6 +178,7 @@ def serve(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
     return 0
 
@@ -220,8 +224,15 @@ def _autoscale(text: str) -> tuple[int, int]:
 
 
 def _serve_token(args: argparse.Namespace) -> str | None:
-    """--token-file, else --token (visible to every user in `ps`: warned), else VAELINK_TOKEN;
-    surrounding whitespace (a file's newline) is not part of it."""
+    """--token (visible to every user in `ps`: warned), else --token-file (or VAELINK_TOKEN_FILE),
+    else VAELINK_TOKEN; surrounding whitespace (a file's newline) is not part of it."""
+    if args.token:
+        print(
+            "vaelink: warning: --token is visible to every user of this machine (ps); "
+            "use --token-file or VAELINK_TOKEN",
+            file=sys.stderr,
+        )
+        return args.token.strip() or None
     if args.token_file:
         try:
             token = Path(args.token_file).read_text().strip()
@@ -230,14 +241,67 @@ def _serve_token(args: argparse.Namespace) -> str | None:
         if not token:
             raise SystemExit(f"vaelink: --token-file {args.token_file} is empty")
         return token
-    if args.token:
-        print(
-            "vaelink: warning: --token is visible to every user of this machine (ps); "
-            "use --token-file or VAELINK_TOKEN",
-            file=sys.stderr,
-        )
-        return args.token.strip() or None
     return os.environ.get("VAELINK_TOKEN", "").strip() or None
+
+
+class _AppendOverDefault(argparse._AppendAction):
+    """`append` that starts afresh instead of after its default: `--model` on the command line
+    replaces VAELINK_MODEL's list rather than adding to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _variable(action: argparse.Action) -> str | None:
+    """`--max-batch` -> VAELINK_MAX_BATCH. Not --token: VAELINK_TOKEN is read without its warning."""
+    long = [option for option in action.option_strings if option.startswith("--")]
+    if not long or action.dest in ("help", "token"):
+        return None
+    return "VAELINK_" + long[0][2:].upper().replace("-", "_")
+
+
+def _from_variable(action: argparse.Action, text: str) -> Any:
+    """An option's value from its variable: a list comma-separated, a flag 1/true/yes/on or
+    0/false/no/off; converted and checked as on the command line."""
+    if isinstance(action, argparse._StoreTrueAction):
+        yes, no = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+        if text.lower() not in yes + no:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(yes + no)}")
+        return text.lower() in yes
+    convert = action.type if callable(action.type) else str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    value = convert(text)
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _environment_defaults(parser: argparse.ArgumentParser) -> list[str]:
+    """Sets each option's default from its variable, when set and not empty: the command line
+    still overrides it, and --help shows it. Returns the errors, for the command to report (a bad
+    variable must not break the other commands, which build this parser too)."""
+    errors = []
+    for action in parser._actions:
+        name = _variable(action)
+        text = os.environ.get(name, "").strip() if name else ""
+        if not text:
+            continue
+        try:
+            action.default = _from_variable(action, text)
+        except argparse.ArgumentTypeError as e:
+            errors.append(f"{name}={text!r}: {e}")
+        except (TypeError, ValueError):
+            errors.append(f"{name}={text!r}: not a valid value for {action.option_strings[-1]}")
+    return errors
 
 
 def _positive_float(text: str) -> float:
@@ -260,17 +324,23 @@ def _add_serve(commands: Subcommands) -> None:
 
     d, b, g = Limits(), Batching(), Guards()
     p = commands.add_parser(
-        "serve", help="serve models over the Hugging Face remote-VAE protocol (needs [serve])"
+        "serve",
+        help="serve models over the Hugging Face remote-VAE protocol (needs [serve])",
+        description="Every option can also come from an environment variable, VAELINK_ and its "
+        "name (VAELINK_PORT=8080, VAELINK_MODEL=sdxl,flux1, VAELINK_NO_BATCHING=1): the command "
+        "line overrides it, the defaults shown include it.",
     )
     p.add_argument(
         "--model",
-        action="append",
-        help="a model name (exported or bundled) or an export folder; repeat for several "
-        f"(default: the bundled {DEFAULT_MODEL}, so that `vaelink serve` works offline as is)",
+        action=_AppendOverDefault,
+        help="a model name (exported or bundled) or an export folder; repeat for several; none: "
+        f"the bundled {DEFAULT_MODEL}, so that `vaelink serve` works offline as is",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_positive, default=8000)
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=_positive, default=8000, help="the port to listen on")
+    p.add_argument(
+        "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if seen"
+    )
     token = p.add_mutually_exclusive_group()
     token.add_argument(
         "--token-file",
@@ -278,7 +348,9 @@ def _add_serve(commands: Subcommands) -> None:
         help="require `Authorization: Bearer TOKEN`, the token read from PATH (or set VAELINK_TOKEN)",
     )
     token.add_argument("--token", help="the token itself: visible in `ps`, prefer --token-file")
-    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20))
+    p.add_argument(
+        "--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20), help="per request"
+    )
     p.add_argument("--max-pixels", type=_positive, default=d.max_pixels, help="per image")
     p.add_argument(
         "--tile-above-pixels",
@@ -350,7 +422,16 @@ def _add_serve(commands: Subcommands) -> None:
         help="seconds to finish requests in flight on shutdown",
     )
     p.add_argument(
-        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="info: the models and the address once listening, and every request",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one object per line (time, level, logger, message), the access log's too",
     )
     ray = p.add_argument_group(
         "Ray Serve (needs [ray-serve])",
@@ -378,7 +459,7 @@ def _add_serve(commands: Subcommands) -> None:
         default="proxy",
         help="Serve's Python proxy, or HAProxy (a cluster started here only)",
     )
-    p.set_defaults(run=serve)
+    p.set_defaults(run=serve, environment_errors=_environment_defaults(p))
 
 
 # -- encode / decode ----------------------------------------------------------------------------
@@ -436,15 +517,41 @@ def _ordered(jobs: int, fn: Callable[[Any], Any], items: Sequence[Any]) -> Itera
         for item in items:
             yield item, guarded(item)
         return
-    with ThreadPoolExecutor(jobs, thread_name_prefix="vaelink-cli") as pool:
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="vaelink-cli")
+    try:
         yield from zip(items, pool.map(guarded, items), strict=True)
+    finally:  # stopped early (Ctrl-C, an error): drop what has not started, wait for nothing
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _image_files(paths: Sequence[str]) -> list[str]:
+    """The files given, with every folder replaced by the images under it (recursively, by
+    suffix, sorted). A file given by name is kept whatever its suffix: it is reported if it
+    cannot be read."""
+    files: list[str] = []
+    for path in paths:
+        if Path(path).is_dir():
+            found = (p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(str(p) for p in found if p.is_file())
+        else:
+            files.append(path)
+    return files
 
 
 def encode_command(args: argparse.Namespace) -> int:
-    """Encodes image files into one safetensors file: a tensor `latents.<i>` `[1, C, h, w]` per
-    image, and metadata naming the model, the source files and their sizes."""
+    """Encodes image files (and the images in folders) into one safetensors file: a tensor
+    `latents.<i>` `[1, C, h, w]` per image, and metadata naming the model, the source files and
+    their sizes. A run stopped midway (Ctrl-C, an endpoint that fails) keeps the images already
+    encoded, in order, in a file marked `"complete": "false"`."""
     from .latents_file import save_latents
 
+    paths = _image_files(args.images)
+    if not paths:
+        print("vaelink: error: no images found in " + " ".join(args.images), file=sys.stderr)
+        return 1
     vae = _vae(args, args.model or DEFAULT_MODEL)
     jobs = args.jobs or (1 if vae.targets == ("local",) else 4)
 
@@ -453,38 +560,46 @@ def encode_command(args: argparse.Namespace) -> int:
         latents = vae.encode(pixels, sample=args.sample, seed=args.seed, fit=args.fit)
         return latents, (pixels.shape[1], pixels.shape[0])
 
-    tensors: dict[str, Any] = {}
-    files: list[str] = []
-    sizes: list[tuple[int, int]] = []
+    encoded: list[tuple[str, Any, tuple[int, int]]] = []  # (file, latents, size)
     failed = 0
-    with _progress(len(args.images), "image", args.quiet) as bar:
-        for path, result in _ordered(jobs, encode_one, args.images):
-            bar.update()
-            if isinstance(result, BaseException):
-                if not _skippable(result):
-                    raise result
-                _report(bar, path, result)
-                failed += 1
-                continue
-            latents, size = result
-            tensors[f"latents.{len(files)}"] = latents
-            files.append(path)
-            sizes.append(size)
-    if not tensors:
-        print(f"vaelink: error: none of the {len(args.images)} images was encoded", file=sys.stderr)
+
+    def save(complete: bool) -> None:
+        metadata = {
+            "format": LATENTS_FORMAT,
+            "model": vae.card.name,
+            "scaling_factor": repr(vae.card.scaling_factor),
+            "shift_factor": repr(vae.card.shift_factor),
+            "files": json.dumps([file for file, _, _ in encoded]),
+            "sizes": json.dumps([size for _, _, size in encoded]),
+            "sample": json.dumps(args.sample),
+            "seed": json.dumps(args.seed),
+            "complete": json.dumps(complete),
+        }
+        tensors = {f"latents.{i}": latents for i, (_, latents, _) in enumerate(encoded)}
+        save_latents(args.output, tensors, metadata)
+
+    try:
+        with _progress(len(paths), "image", args.quiet) as bar:
+            for path, result in _ordered(jobs, encode_one, paths):
+                bar.update()
+                if isinstance(result, BaseException):
+                    if not _skippable(result):
+                        raise result
+                    _report(bar, path, result)
+                    failed += 1
+                else:
+                    encoded.append((path, *result))
+    except BaseException:
+        if encoded:  # what was finished is kept; the error or Ctrl-C is then reported by main
+            save(complete=False)
+            done = f"{len(encoded)} of {len(paths)}"
+            print(f"vaelink: kept the {done} images encoded in {args.output}", file=sys.stderr)
+        raise
+    if not encoded:
+        print(f"vaelink: error: none of the {len(paths)} images was encoded", file=sys.stderr)
         return 1
-    metadata = {
-        "format": LATENTS_FORMAT,
-        "model": vae.card.name,
-        "scaling_factor": repr(vae.card.scaling_factor),
-        "shift_factor": repr(vae.card.shift_factor),
-        "files": json.dumps(files),
-        "sizes": json.dumps(sizes),
-        "sample": json.dumps(args.sample),
-        "seed": json.dumps(args.seed),
-    }
-    save_latents(args.output, tensors, metadata)
-    summary = f"encoded {len(files)} of {len(args.images)} images into {args.output}"
+    save(complete=True)
+    summary = f"encoded {len(encoded)} of {len(paths)} images into {args.output}"
     print(summary + (f"; {failed} skipped" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
@@ -519,6 +634,7 @@ def _unique(stem: str, taken: set[str]) -> str:
 def decode_command(args: argparse.Namespace) -> int:
     """Decodes latents files written by `vaelink encode` (or any safetensors of latents) into
     image files named after the images they came from."""
+    from .files import atomic_write_bytes
     from .latents_file import load_latents
 
     out = Path(args.output)
@@ -543,7 +659,7 @@ def decode_command(args: argparse.Namespace) -> int:
         model, stem, z = job
         (encoded,) = vaes[model].decode(z, output=args.format, quality=args.quality)
         target = out / f"{stem}.{'jpg' if args.format == 'jpeg' else args.format}"
-        target.write_bytes(encoded)
+        atomic_write_bytes(target, encoded)  # Ctrl-C leaves no half image
         return target
 
     for model in {model for model, _, _ in named}:
@@ -591,7 +707,9 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
 
 def _add_encode_decode(commands: Subcommands) -> None:
     p = commands.add_parser("encode", help="encode image files into a latents file")
-    p.add_argument("images", nargs="+", help="JPEG, PNG or WebP files")
+    p.add_argument(
+        "images", nargs="+", help="JPEG, PNG or WebP files, or folders (searched recursively)"
+    )
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     _add_remote_options(p)
     p.add_argument("--fit", choices=("crop", "resize"), default="crop", help="to a multiple of 8")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .dtypes import bfloat16, little_endian
+from .dtypes import is_bfloat16, little_endian
 from .frameworks import is_torch, pil_images, pil_open, pil_to_rgb, to_numpy, torch
 from .image import encode_image, fit_to_multiple
 from .remote import RemoteEndpoint
@@ -56,7 +56,7 @@ def _tensor_body(tensor: Any) -> tuple[bytes, list[int], str]:
 def _response_tensor(headers: dict[str, str], body: bytearray) -> Any:
     """The response tensor, on the received buffer itself (a writable bytearray: no copy)."""
     array = read_tensor(headers, body)
-    if array.dtype == bfloat16:  # torch reads the bits itself
+    if is_bfloat16(array.dtype):  # torch reads the bits itself
         return torch().frombuffer(body, dtype=torch().bfloat16).reshape(array.shape)
     return torch().from_numpy(array)
 

@@ -26,7 +26,13 @@ from .batches import (
     as_latent_batch,
 )
 from .cards import DEFAULT_MODEL, ModelCard, Scaling
-from .errors import CorruptExportError, EngineError, NonFiniteOutputError, TensorError
+from .errors import (
+    CorruptExportError,
+    EngineError,
+    NonFiniteOutputError,
+    RuntimeMissingError,
+    TensorError,
+)
 from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, to_numpy, to_torch, torch
@@ -41,11 +47,13 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
 def _ort() -> Any:
+    """onnxruntime, imported on first use; `RuntimeMissingError` naming the extras without it."""
     try:
         import onnxruntime
     except ImportError:
-        raise EngineError(
-            "the local engine needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)"
+        raise RuntimeMissingError(
+            "the local engine needs ONNX Runtime, which is not installed: "
+            "pip install 'vaelink[cpu]', or 'vaelink[gpu]' for CUDA (one of the two, never both)"
         ) from None
     return onnxruntime
 

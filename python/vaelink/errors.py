@@ -18,6 +18,7 @@ as diffusers' own remote functions raise.
     │   ├── ModelMismatchError (ValueError)  a VAE that does not fit the card it is exported as
     │   ├── HubError                         the Hugging Face Hub could not give or take a repo's files
     │   └── EngineError (RuntimeError)       ONNX Runtime could not load or run a model
+    │       └── RuntimeMissingError (ImportError)  no ONNX Runtime: vaelink[cpu] or vaelink[gpu]
     ├── RemoteError (RuntimeError)           an endpoint failed; `status`, `url`, `retry_after`
     │   ├── RemoteConnectionError            no connection, or it broke
     │   ├── RemoteTimeoutError               no answer in time
@@ -61,6 +62,7 @@ __all__ = [
     "RemoteResponseError",
     "RemoteTimeoutError",
     "RemoteUnavailableError",
+    "RuntimeMissingError",
     "ServerBusyError",
     "ServerError",
     "ShuttingDownError",
@@ -137,6 +139,16 @@ class HubError(ModelError):
 
 class EngineError(ModelError, RuntimeError):
     """ONNX Runtime could not load or run a model."""
+
+
+class RuntimeMissingError(EngineError, ImportError):
+    """ONNX Runtime is not installed: the base install is the client, and the local engine needs
+    one runtime, `pip install 'vaelink[cpu]'` (onnxruntime) or `'vaelink[gpu]'` (onnxruntime-gpu).
+    `name` is "onnxruntime", as for the ImportError it stands for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.name = "onnxruntime"
 
 
 # -- remote endpoints -----------------------------------------------------------------------------

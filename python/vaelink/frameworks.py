@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from .dtypes import bfloat16
+from .dtypes import bfloat16_dtype
 
 if TYPE_CHECKING:  # names for signatures: the real classes for a type checker, nothing at run time
     import PIL.Image
@@ -84,7 +84,7 @@ def to_numpy(value: Any) -> np.ndarray:
         return np.asarray(value)
     t = value.detach().to("cpu").contiguous()
     if t.dtype == torch().bfloat16:
-        return np.asarray(t.view(torch().int16).numpy()).view(bfloat16)
+        return np.asarray(t.view(torch().int16).numpy()).view(bfloat16_dtype())
     return np.asarray(t.numpy())
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _native
 from .dtypes import dtype_name, little_endian, numpy_dtype, to_bits
+from .files import atomic_write_bytes
 
 __all__ = ["latents_from_bytes", "latents_to_bytes", "load_latents", "save_latents"]
 
@@ -39,8 +40,7 @@ def latents_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, st
 def save_latents(
     path: str | os.PathLike[str], tensors: Tensors, metadata: Mapping[str, str] | None = None
 ) -> None:
-    with open(path, "wb") as f:
-        f.write(latents_to_bytes(tensors, metadata))
+    atomic_write_bytes(path, latents_to_bytes(tensors, metadata))  # whole, or the old file kept
 
 
 def load_latents(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _native
-from .dtypes import DTypeName, bfloat16, dtype_name, from_bits, little_endian, to_bits
+from .dtypes import DTypeName, dtype_name, from_bits, is_bfloat16, little_endian, to_bits
 from .errors import TensorError
 
 __all__ = ["pack_latents", "postprocess", "preprocess", "unpack_latents"]
@@ -29,7 +29,8 @@ def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
 def postprocess(tensor: np.ndarray) -> np.ndarray:
     """float32/float16/bfloat16 `(N, C, H, W)` in about [-1, 1] -> uint8 `(N, H, W, C)`."""
     array = np.asarray(tensor)
-    if array.dtype.newbyteorder("=") not in (np.float32, np.float16, bfloat16):  # ">f4" too
+    native = array.dtype.newbyteorder("=")  # ">f4" too
+    if native not in (np.float32, np.float16) and not is_bfloat16(native):
         raise TensorError(f"postprocess takes float32, float16 or bfloat16, got {array.dtype}")
     return _native.postprocess(to_bits(little_endian(array)))
 

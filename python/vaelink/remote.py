@@ -34,7 +34,7 @@ import numpy as np
 from ._native import HttpClient
 from .batches import ImageBatch, LatentBatch, RawOutput
 from .cards import IDENTITY, ModelCard, Scaling
-from .dtypes import bfloat16, to_float32
+from .dtypes import is_bfloat16, to_float32
 from .errors import (
     RemoteAuthError,
     RemoteConnectionError,
@@ -340,7 +340,7 @@ def _check_images(images: np.ndarray, shape: tuple[int, ...], output: RawOutput)
 
 
 def _is_float(tensor: np.ndarray) -> bool:
-    return tensor.dtype.kind == "f" or tensor.dtype == bfloat16
+    return tensor.dtype.kind == "f" or is_bfloat16(tensor.dtype)
 
 
 def _answer_cap(shape: Sequence[int], itemsize: int) -> int:

@@ -12,7 +12,14 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _native
-from .dtypes import DTypeName, bfloat16, dtype_name, little_endian, numpy_dtype, to_bfloat16
+from .dtypes import (
+    DTypeName,
+    dtype_name,
+    is_bfloat16,
+    little_endian,
+    numpy_dtype,
+    to_bfloat16,
+)
 from .errors import TensorError
 
 __all__ = ["WireTensor", "from_wire", "read_tensor", "to_wire"]
@@ -33,7 +40,7 @@ def to_wire(array: np.ndarray, dtype: DTypeName | None = None) -> WireTensor:
     array = np.asarray(array)
     if array.ndim == 0 or array.size == 0:
         raise TensorError(f"cannot send an empty or 0-d tensor (shape {array.shape})")
-    if dtype == "bfloat16" and array.dtype != bfloat16:
+    if dtype == "bfloat16" and not is_bfloat16(array.dtype):
         array = to_bfloat16(array)
     elif dtype is not None:
         array = array.astype(numpy_dtype(dtype), copy=False)

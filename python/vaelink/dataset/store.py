@@ -27,8 +27,9 @@ from typing import Any, Literal
 import numpy as np
 
 from ..dtypes import numpy_dtype
+from ..files import atomic_write_bytes, fsync_dir, temporary_sibling
 
-__all__ = ["FORMAT", "LatentDataset", "ShardStore", "atomic_write_bytes", "schema"]
+__all__ = ["FORMAT", "LatentDataset", "ShardStore", "schema"]
 
 FORMAT = "vaelink-dataset/1"
 MANIFEST = "manifest.json"
@@ -63,34 +64,15 @@ def schema() -> Any:
     )
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes `path` whole or not at all: a dot-file beside it, flushed, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_table_atomic(path: Path, table: Any) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_sibling(path)
     pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -182,7 +164,7 @@ class ShardStore:
             retired += table.num_rows - kept.num_rows
             if kept.num_rows == 0:
                 path.unlink()
-                _fsync_dir(self.data)
+                fsync_dir(self.data)
             elif kept.num_rows < table.num_rows:
                 _write_table_atomic(path, kept.combine_chunks())
         return retired

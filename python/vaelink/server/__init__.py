@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine, Provider
 from ..errors import VaelinkError
 from .batching import Batching
 from .guards import Guards
 from .protocol import Limits
+
+if TYPE_CHECKING:
+    from .runner import LogFormat
 
 __all__ = ["Batching", "Guards", "Limits", "create_app", "load_engines", "serve"]
 
@@ -63,21 +66,29 @@ def serve(
     warmup: bool = True,
     graceful_timeout: float | None = 30.0,
     log_level: str = "info",
+    log_format: LogFormat = "text",
 ) -> None:
-    """Loads the models and serves them with uvicorn until SIGINT/SIGTERM; requests in flight are
-    answered before the process exits (for at most `graceful_timeout` seconds), bodies still
-    arriving are refused."""
+    """Binds `host:port` (a port that is taken fails before any model loads), loads the models and
+    serves them with uvicorn until SIGINT/SIGTERM; requests in flight are answered before the
+    process exits (for at most `graceful_timeout` seconds), bodies still arriving are refused.
+    Once listening it logs a line per model and the address; `log_format="json"`: JSON lines."""
     from .app import create_app
-    from .runner import make_server
+    from .runner import bind, make_server
 
-    engines = load_engines(models, provider)
-    if warmup:
-        for engine in engines.values():
-            warm_up(engine)
-    app = create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
-    server = make_server(
-        app, host=host, port=port, graceful_timeout=graceful_timeout, log_level=log_level
-    )
-    server.run()
-    if not server.started:  # uvicorn logged why (the port is taken, say)
+    with bind(host, port) as sock:
+        engines = load_engines(models, provider)
+        if warmup:
+            for engine in engines.values():
+                warm_up(engine)
+        app = create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
+        server = make_server(
+            app,
+            host=host,
+            port=port,
+            graceful_timeout=graceful_timeout,
+            log_level=log_level,
+            log_format=log_format,
+        )
+        server.run(sockets=[sock])
+    if not server.started:  # uvicorn logged why (the app's startup failed, say)
         raise VaelinkError(f"the server could not start on {host}:{port}")

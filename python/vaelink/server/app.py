@@ -551,7 +551,13 @@ def _routes() -> list[BaseRoute]:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 and 405 as the protocol's JSON errors. `/{model}` routes match any first
+    segment: a wrong method there is a 405 only when the model is served (`GET /nope`: 404)."""
     assert isinstance(exc, HTTPException)
+    model = request.path_params.get("model")
+    unknown = model is not None and model not in request.app.state.vaelink.services
+    if exc.status_code == 405 and unknown:
+        return error_response(404, "Not Found")
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 

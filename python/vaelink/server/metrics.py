@@ -6,7 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -115,6 +124,11 @@ class Metrics:
             "Bytes of the in-flight budget taken: bodies, arrays, planned engine memory",
             registry=r,
         )
+        # The process's memory, CPU and open files, Python's version and GC: the registry is our
+        # own, so prometheus_client's defaults are not in it unless registered here.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         if gpu:
             r.register(GpuMemoryCollector())
 

@@ -1,21 +1,79 @@
 """uvicorn as `vaelink serve` runs it: its own connection cap and keep-alive timeout, plus the two
 things it lacks - a deadline for a request's headers, and a hook that tells the app when a graceful
 shutdown begins (so that bodies still trickling in are refused at once instead of being waited for
-until `--graceful-timeout`)."""
+until `--graceful-timeout`). Also: the listening socket bound before the models load, a line per
+model and the address once listening, and logs as text or JSON lines."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
+import logging
 import socket
-from collections.abc import Callable
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..errors import VaelinkError
 from .guards import Guards
 
-__all__ = ["Server", "make_server"]
+if TYPE_CHECKING:
+    from .app import ServerState
+
+__all__ = ["JsonFormatter", "LogFormat", "Server", "bind", "log_config", "make_server"]
+
+LogFormat = Literal["text", "json"]
+
+log = logging.getLogger("vaelink.server")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The socket to listen on, bound now (as uvicorn would bind it): a port that is taken fails at
+    once, before minutes of loading models."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = e.strerror or str(e)
+        message = f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}"
+        raise VaelinkError(message) from None
+    return sock
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object: time (ISO 8601, UTC), level, logger, message, and the
+    exception's traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def log_config(log_format: LogFormat = "text", log_level: str = "info") -> dict[str, Any]:
+    """uvicorn's logging config, with vaelink's loggers on its handler (stderr); `json` formats
+    every record, the access log's too, as a `JsonFormatter` line."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["vaelink"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    if log_format == "json":
+        config["formatters"] = {name: {"()": JsonFormatter} for name in config["formatters"]}
+    return config
 
 
 class _HeaderDeadline(H11Protocol):
@@ -52,14 +110,29 @@ class _HeaderDeadline(H11Protocol):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, calling `on_shutdown` as soon as a graceful shutdown begins."""
+    """uvicorn's server for the app of `state`: logs what it serves once listening, and drains the
+    app as soon as a graceful shutdown begins."""
 
-    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
-        self._on_shutdown = on_shutdown
+        self._state = state
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._log_ready()
+
+    def _log_ready(self) -> None:
+        # uvicorn logs no address for sockets it is handed; the port is the socket's (0: any).
+        for name, service in self._state.services.items():
+            engine = service.engine
+            log.info("model %s: provider %s, dtype %s", name, engine.provider, engine.dtype)
+        port = self.servers[0].sockets[0].getsockname()[1]
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        log.info("vaelink serving at http://%s:%d/ (Press CTRL+C to quit)", host, port)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._on_shutdown()
+        self._state.drain()
         await super().shutdown(sockets=sockets)
 
 
@@ -70,10 +143,11 @@ def make_server(
     port: int = 8000,
     graceful_timeout: float | None = 30.0,
     log_level: str = "info",
+    log_format: LogFormat = "text",
 ) -> Server:
     """The uvicorn server for an app made by `create_app`, with the app's `Guards`. h11 always (not
     httptools when installed): the header deadline is built on it."""
-    state = app.state.vaelink
+    state: ServerState = app.state.vaelink
     guards: Guards = state.guards
     protocol = type("H11Protocol", (_HeaderDeadline,), {"header_timeout": guards.header_timeout})
     config = uvicorn.Config(
@@ -81,9 +155,10 @@ def make_server(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config(log_format, log_level),
         http=protocol,
         limit_concurrency=guards.max_connections,
         timeout_keep_alive=guards.keep_alive,
         timeout_graceful_shutdown=graceful_timeout,
     )
-    return Server(config, state.drain)
+    return Server(config, state)
