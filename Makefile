@@ -7,7 +7,7 @@ PIP     := $(PYTHON) -m pip install --quiet
 # The local engine's runtime for `make demo`: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both.
 RUNTIME ?= cpu
 
-.PHONY: demo test lint typecheck rust-test py-test bench venv pip
+.PHONY: demo test lint typecheck rust-test py-test bench venv pip wheel
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -51,3 +51,11 @@ py-test:
 bench: pip
 	$(PIP) --group bench -e .
 	$(PYTHON) benches/bench_core.py
+
+# A release wheel for this machine's architecture as .github/workflows/release.yml builds it:
+# abi3, manylinux 2014 (glibc 2.17) linked through zig, its tags and symbols shown by auditwheel.
+wheel: pip
+	$(PIP) --group release
+	ZIG_COMMAND="$(CURDIR)/$(PYTHON) -m ziglang" $(VENV)/bin/maturin build --release --zig \
+		--compatibility manylinux2014 --interpreter $(PYTHON) --out dist
+	$(VENV)/bin/auditwheel show dist/vaelink-*manylinux*.whl

@@ -22,7 +22,7 @@ def check(command: list[str], script: str) -> subprocess.CompletedProcess[str]:
 
 
 def mypy() -> list[str]:
-    return [sys.executable, "-m", "mypy", "--strict", "--no-incremental"]
+    return [sys.executable, "-m", "mypy", "--strict", "--cache-dir", "/dev/null"]
 
 
 def pyright() -> list[str]:

@@ -46,7 +46,7 @@ Tiling = Literal["exact", "fast", "blended"]
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
-def _ort() -> Any:
+def load_onnxruntime() -> Any:
     """onnxruntime, imported on first use; `RuntimeMissingError` naming the extras without it."""
     try:
         import onnxruntime
@@ -62,7 +62,7 @@ def _ort() -> Any:
 def _register_shared_arena() -> bool:
     """One CPU arena for the process, shared by sessions opened with `use_env_allocators`; False
     when it cannot be registered (another library did first: sessions then keep their own)."""
-    ort = _ort()
+    ort = load_onnxruntime()
     cpu = ort.OrtMemoryInfo(
         "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
     )
@@ -138,7 +138,7 @@ class Engine:
         self.manifest: Manifest = read_manifest(self.folder)
         self.card: ModelCard = resolved.card
         _check_card(self.card, self.manifest, self.folder)
-        ort = _ort()
+        ort = load_onnxruntime()
         if provider == "auto":
             provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
         if provider not in ("cpu", "cuda"):
@@ -184,7 +184,7 @@ class Engine:
         return self._sessions[key]
 
     def _open(self, path: Path) -> Any:
-        ort = _ort()
+        ort = load_onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # CPU buffers come from the process's one arena: with an arena per session, each keeping

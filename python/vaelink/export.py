@@ -52,6 +52,9 @@ def _require_torch() -> Any:
             f"exporting needs torch, diffusers and onnx ({e.name} is missing): "
             "pip install 'vaelink[export]'"
         ) from None
+    from .engine import load_onnxruntime
+
+    load_onnxruntime()  # the float16 and checking steps run ONNX Runtime: one sentence naming [cpu]/[gpu]
     return torch
 
 

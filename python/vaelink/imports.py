@@ -94,9 +94,9 @@ class _Graph:
 
 
 def _open(path: Path) -> _Graph:
-    from .engine import _ort
+    from .engine import load_onnxruntime
 
-    ort = _ort()
+    ort = load_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
