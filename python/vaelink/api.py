@@ -180,25 +180,42 @@ class VAE:
     """A model, local or remote: keeps the engine's sessions, the HTTP connections and what each
     endpoint said about itself across calls. Thread-safe; usable as a context manager.
 
-    - `model`: a card name (`vaelink models`) or an export folder. Remote endpoints get its scaling
-      factors explicitly with every request; the local engine loads it when first needed.
-    - `endpoint`: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs,
-      tried in order. An endpoint that was down (no connection, timeout, 429/503 after the
-      retries) goes to the back of the list for `cooldown` seconds; one that answered with
-      something that is no valid answer, or redirected in a loop, is skipped for this call only.
-    - `token`: sent as `Authorization: Bearer`, surrounding whitespace stripped (`""`: none). A
-      str goes to every URL of the list, which must share one origin; a mapping
-      `{url or origin: token}` gives each its own; a `(url, token)` entry has its own. URLs given
-      no token get `VAELINK_TOKEN` or `HF_TOKEN`, over HTTPS and to loopback addresses only.
-    - `timeout`: seconds one `encode`/`decode` call may take from its first request: every
-      attempt, retry and wait, all the pieces of a batch and every endpoint of the list share
-      them (the local engine is not cut). `read_timeout`: between two reads of an answer;
-      `connect_timeout`; `retries` (on connection errors, 429 and 503, with exponential backoff
-      and jitter, honouring `Retry-After`; none is started that would end past the deadline).
-    - `concurrency`: requests in flight at once when a batch is sent in pieces.
-    - `fast_path`: against a vaelink server (it says so at `GET /info`), send raw uint8 pixels and
-      whole batches instead of one PNG per request.
-    - `provider`: the local engine's (`auto`, `cpu`, `cuda`).
+    Args:
+        model: A card name (`vaelink models`) or an export folder. Remote endpoints get its
+            scaling factors explicitly with every request; the local engine loads it when first
+            needed.
+        endpoint: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs,
+            tried in order. An endpoint that was down (no connection, timeout, 429/503 after the
+            retries) goes to the back of the list for `cooldown` seconds; one that answered with
+            something that is no valid answer, or redirected in a loop, is skipped for this call
+            only.
+        token: Sent as `Authorization: Bearer`, surrounding whitespace stripped (`""`: none). A
+            str goes to every URL of the list, which must share one origin; a mapping
+            `{url or origin: token}` gives each its own; a `(url, token)` entry has its own. URLs
+            given no token get `VAELINK_TOKEN` or `HF_TOKEN`, over HTTPS and to loopback
+            addresses only.
+        timeout: Seconds one `encode`/`decode` call may take from its first request: every
+            attempt, retry and wait, all the pieces of a batch and every endpoint of the list
+            share them (the local engine is not cut). None: no limit.
+        read_timeout: Seconds between two reads of an answer (None: no limit of its own).
+        connect_timeout: Seconds to establish a connection.
+        retries: Retries of a request on connection errors, 429 and 503, with exponential
+            backoff and jitter, honouring `Retry-After`; none is started that would end past the
+            deadline.
+        concurrency: Requests in flight at once when a batch is sent in pieces (at least 1).
+        fast_path: Against a vaelink server (it says so at `GET /info`), send raw uint8 pixels
+            and whole batches instead of one PNG per request.
+        cooldown: Seconds an endpoint that was down stays at the back of the list.
+        provider: The local engine's (`auto`, `cpu`, `cuda`).
+        client: The `HttpClient` to send requests with, its own timeouts and retries instead of
+            `read_timeout`, `connect_timeout` and `retries` (default: one made on first use).
+
+    Raises:
+        UnknownModelError: `model` is neither a folder nor the name of a model card.
+        CorruptExportError: `model` is a folder that is not a valid export.
+        ValueError: An empty endpoint list, two tokens for one URL, or one str token for URLs of
+            different origins.
+        TypeError: An endpoint entry that is not a URL, `"local"` or a `(url, token)` pair.
     """
 
     def __init__(
@@ -360,7 +377,35 @@ class VAE:
         """Images -> scaled latents `[B, C, H/8, W/8]` float32 (a torch tensor when given torch,
         or as `output` says). AutoencoderKL models give the posterior mean, or with `sample=True`
         a sample (`seed` makes it reproducible; the same as the local engine's when the batch goes
-        in one request). Sides that are not multiples of 8 are cropped (`fit`)."""
+        in one request). Sides that are not multiples of 8 are cropped (`fit`).
+
+        Args:
+            images: An image or a batch: PIL images, uint8 `HWC`/`NHWC` arrays (gray `HW`
+                replicated), float `CHW`/`NCHW` in [-1, 1], torch tensors of either kind, file
+                paths or encoded bytes, or a list of same-size images.
+            sample: Sample the posterior instead of taking its mean (AutoencoderKL models).
+            seed: The seed of the sampling noise (None: fresh noise).
+            fit: How sides that are not multiples of the spatial factor are fitted: `crop` the
+                centre, `resize` with Lanczos, or None to leave them for the model to refuse.
+            output: `numpy` or `torch` (default: torch for torch input, else numpy).
+
+        Returns:
+            The scaled latents, float32: a numpy array or a torch tensor, as `output` says.
+
+        Raises:
+            TensorError: Images of a bad shape or dtype, empty, non-finite, or of different
+                sizes in one batch.
+            DecodeError: An image file or bytes that cannot be decoded (`ImageTooLargeError`
+                when too large).
+            OSError: An image path that cannot be read.
+            ValueError: An unknown `output`.
+            ModelError: The local engine cannot run the model: `ModelNotExportedError`,
+                `CorruptExportError`, `RuntimeMissingError` (no ONNX Runtime), `EngineError`.
+            NonFiniteOutputError: The model turned finite input into NaN or infinity.
+            RemoteError: Every endpoint tried failed (the last failure, the others in its notes);
+                a request refused as malformed (400, 422) is not tried elsewhere.
+            InvalidEndpointError: An endpoint URL that cannot be requested.
+        """
         batch = as_image_batch(images, self.card.spatial_factor, fit)
 
         def run(backend: Backend, deadline: float | None) -> Any:
@@ -378,7 +423,20 @@ class VAE:
         AutoencoderKL models the posterior's moments `[B, 2C, H/8, W/8]`, mean then log-variance
         (`diffusers`' `DiagonalGaussianDistribution(moments)`), from the local engine and
         `vaelink serve`; `[B, C, H/8, W/8]` latents from a tiny model, and from an endpoint that
-        gives latents only (its default, the posterior mean as far as is known)."""
+        gives latents only (its default, the posterior mean as far as is known).
+
+        Args:
+            images: What `encode` takes.
+            fit: As for `encode`.
+            output: `numpy` or `torch` (default: torch for torch input, else numpy).
+
+        Returns:
+            The unscaled encoder output: moments, or latents as above.
+
+        Raises:
+            TensorError, DecodeError, OSError, ValueError, ModelError, NonFiniteOutputError,
+            RemoteError, InvalidEndpointError: As for `encode`.
+        """
         batch = as_image_batch(images, self.card.spatial_factor, fit)
 
         def run(backend: Backend, deadline: float | None) -> Any:
@@ -447,7 +505,29 @@ class VAE:
         same as a tensor; the default for torch latents), `float` (the raw decoder output
         `[B, 3, H, W]`, float32), `pil` (a list of images), `png`/`jpeg`/`webp` (a list of encoded
         images; `quality` for JPEG). `wire_dtype` converts the latents before sending them
-        (`bfloat16` halves the upload of float32 ones)."""
+        (`bfloat16` halves the upload of float32 ones).
+
+        Args:
+            latents: Scaled latents, a numpy array or a torch tensor.
+            height: The image height in pixels, for packed latents.
+            width: The image width in pixels, for packed latents.
+            output: The output kind, as above (default: `torch` for torch latents, else
+                `numpy`).
+            quality: JPEG quality, 1-100.
+            wire_dtype: `float16`, `bfloat16` or `float32` to round the latents to before
+                sending (None: as given).
+
+        Returns:
+            The images in the `output` kind.
+
+        Raises:
+            ValueError: An unknown `output`.
+            TensorError: Latents of a bad shape (or channel count), empty, non-finite, or packed
+                without `height` and `width`; an unknown `wire_dtype`.
+            EncodeError: A `quality` out of range for an encoded `output`.
+            ModelError, NonFiniteOutputError, RemoteError, InvalidEndpointError: As for
+                `encode`.
+        """
         check_decode_output(output)
         batch = as_latent_batch(latents, height, width, wire_dtype, self.card.latent_channels)
         kind: DecodeOutput = output or ("torch" if batch.like is not None else "numpy")
@@ -462,11 +542,33 @@ class VAE:
         return decode_output(images, kind, batch.like, quality)
 
     async def aencode(self, images: ImageInput, **options: Unpack[EncodeOptions]) -> Any:
-        """`encode` in a worker thread (the request and the engine run without the GIL)."""
+        """`encode` in a worker thread (the request and the engine run without the GIL).
+
+        Args:
+            images: What `encode` takes.
+            **options: `encode`'s keyword arguments.
+
+        Returns:
+            What `encode` returns.
+
+        Raises:
+            VaelinkError: What `encode` raises (and its `ValueError`, `OSError`).
+        """
         return await asyncio.to_thread(lambda: self.encode(images, **options))
 
     async def adecode(self, latents: LatentInput, **options: Unpack[DecodeOptions]) -> Any:
-        """`decode` in a worker thread."""
+        """`decode` in a worker thread.
+
+        Args:
+            latents: What `decode` takes.
+            **options: `decode`'s keyword arguments.
+
+        Returns:
+            What `decode` returns.
+
+        Raises:
+            VaelinkError: What `decode` raises (and its `ValueError`).
+        """
         return await asyncio.to_thread(lambda: self.decode(latents, **options))
 
 
@@ -526,7 +628,27 @@ def encode(
 ) -> Any:
     """Images -> scaled latents with `model`, locally (no endpoint), on an endpoint, or on the first
     of a list that answers (`[url, ..., "local"]`). Takes `VAE`'s options and `VAE.encode`'s;
-    returns what `VAE.encode` does."""
+    returns what `VAE.encode` does.
+
+    The `VAE` is kept between calls (the 8 most recently used configurations), so repeated calls
+    reuse the engine's sessions and the connections.
+
+    Args:
+        images: What `VAE.encode` takes.
+        model: A card name or an export folder.
+        endpoint: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs.
+        output: `numpy` or `torch` (default: torch for torch input, else numpy).
+        **options: `VAE`'s keyword arguments (`token`, `timeout`, ...) and `VAE.encode`'s
+            (`sample`, `seed`, `fit`).
+
+    Returns:
+        The scaled latents, as `VAE.encode` returns them.
+
+    Raises:
+        TypeError, ValueError, UnknownModelError, CorruptExportError: A bad model or endpoint
+            list, as for `VAE`.
+        VaelinkError: What `VAE.encode` raises.
+    """
     vae_options, call = _split_options(dict(options))
     return shared_vae(model, endpoint, vae_options).encode(images, output=output, **call)
 
@@ -576,6 +698,23 @@ def decode(
     **options: Unpack[_DecodeCall],
 ) -> Any:
     """Scaled latents -> images with `model`, locally or remotely as for `encode`. Takes `VAE`'s
-    options and `VAE.decode`'s; returns what `VAE.decode` does for `output`."""
+    options and `VAE.decode`'s; returns what `VAE.decode` does for `output`.
+
+    Args:
+        latents: What `VAE.decode` takes.
+        model: A card name or an export folder.
+        endpoint: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs.
+        output: `numpy`, `torch`, `float`, `pil`, `png`, `jpeg` or `webp`, as for `VAE.decode`.
+        **options: `VAE`'s keyword arguments and `VAE.decode`'s (`height`, `width`, `quality`,
+            `wire_dtype`).
+
+    Returns:
+        The images, as `VAE.decode` returns them.
+
+    Raises:
+        TypeError, ValueError, UnknownModelError, CorruptExportError: A bad model or endpoint
+            list, as for `VAE`.
+        VaelinkError: What `VAE.decode` raises.
+    """
     vae_options, call = _split_options(dict(options))
     return shared_vae(model, endpoint, vae_options).decode(latents, output=output, **call)

@@ -40,7 +40,25 @@ def vae(
     run locally (`endpoint=None`), on an endpoint, or on the first of a list that answers
     (`[url, ..., "local"]`); `options` are `vaelink.VAE`'s. `dtype` (a torch dtype, float32 by
     default) is the dtype of the tensors it returns, as a torch VAE's weights set it; `to()`
-    changes it, as pipelines do."""
+    changes it, as pipelines do.
+
+    Args:
+        model: A card name, an export folder, or a `vaelink.VAE` to wrap as it is.
+        endpoint: None (local), a URL, or a list of URLs, `"local"` and `(url, token)` pairs.
+        dtype: The torch dtype of the tensors returned (default: float32).
+        **options: `vaelink.VAE`'s keyword arguments (`token`, `timeout`, ...).
+
+    Returns:
+        The `PipelineVAE`, a diffusers `ModelMixin`.
+
+    Raises:
+        TypeError: `endpoint` or `options` given with a `vaelink.VAE`; or, as for `vaelink.VAE`,
+            an invalid endpoint entry.
+        ValueError: An invalid endpoint list or tokens, as for `vaelink.VAE`.
+        ModelError: `model` cannot be resolved (`UnknownModelError`, `CorruptExportError`), or
+            its spatial factor is no power of 2.
+        ImportError: diffusers or torch is not installed.
+    """
     if isinstance(model, VAE):
         if endpoint is not None or options:
             raise TypeError("endpoint and options belong to the vaelink.VAE given, not here")

@@ -129,13 +129,30 @@ def little_endian(array: np.ndarray) -> np.ndarray:
 
 
 def to_bfloat16(array: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 with round-to-nearest-even (NaN stays NaN), without torch."""
+    """float32 -> bfloat16 with round-to-nearest-even (NaN stays NaN), without torch.
+
+    Args:
+        array: A float array (converted to float32 first).
+
+    Returns:
+        A new `ml_dtypes.bfloat16` array of the same shape.
+    """
     src = np.require(array, np.float32, "C")
     return from_bits(_native.f32_to_bf16(src))
 
 
 def from_bfloat16(array: np.ndarray) -> np.ndarray:
-    """bfloat16 (or its uint16 bits) -> float32, exactly."""
+    """bfloat16 (or its uint16 bits) -> float32, exactly.
+
+    Args:
+        array: An `ml_dtypes.bfloat16` array, or a uint16 array of bfloat16 bits.
+
+    Returns:
+        A new float32 array of the same shape.
+
+    Raises:
+        TensorError: An array of another dtype.
+    """
     src = np.require(array, requirements="C")
     if src.dtype != np.uint16 and not is_bfloat16(src.dtype):
         raise TensorError(f"expected a bfloat16 array, got {src.dtype}")

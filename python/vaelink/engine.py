@@ -122,7 +122,24 @@ class Engine:
     `provider`: `auto` picks CUDA when onnxruntime-gpu sees a GPU. `dtype`: float16 by default on
     CUDA (non-finite pieces are recomputed in float32), float32 on the CPU. `memory_limit` (bytes)
     caps the activation memory vaelink plans for, and ONNX Runtime's CUDA arena. `tile_size` (pixels,
-    a multiple of the spatial factor) overrides the tiling policy: 512 on the CPU, 1024 on CUDA."""
+    a multiple of the spatial factor) overrides the tiling policy: 512 on the CPU, 1024 on CUDA.
+
+    Args:
+        model: A card name (exported or bundled), an export folder, or a resolved `Model`.
+        provider: `auto`, `cpu` or `cuda`.
+        dtype: `float32` or `float16` (default: float16 on CUDA, float32 on the CPU).
+        memory_limit: Bytes of activation memory to plan for (default: 8 GiB on CUDA, half the
+            available RAM on the CPU).
+        tile_size: The tile side in pixels, a multiple of the spatial factor, at least twice it.
+
+    Raises:
+        UnknownModelError: A name with no model card.
+        ModelNotExportedError: A known model that is not exported on this machine.
+        CorruptExportError: An export whose manifest or files are missing, changed or invalid, or
+            made for another model than its card.
+        RuntimeMissingError: ONNX Runtime is not installed.
+        EngineError: An unknown `provider`, or an invalid `tile_size`.
+    """
 
     def __init__(
         self,
@@ -416,6 +433,31 @@ class Engine:
         kept; `"blended"` - tiles run whole and are blended; None - exact where the export allows
         it and its host maps fit the budget, else fast (blended for exports without segments).
         Output that is NaN or infinite raises `NonFiniteOutputError`.
+
+        Args:
+            images: The images, as above, or an `ImageBatch`. Sides must be multiples of the
+                spatial factor (`vaelink.fit_to_multiple` crops or resizes).
+            sample: Sample the posterior instead of taking its mean.
+            seed: The seed of the sampling noise (numpy's generator; None: fresh noise).
+            noise: The sampling noise itself, the latents' shape (instead of `seed`).
+            tile: True to tile, False never to, None (default) when an image would not fit the
+                memory budget.
+            scaling: The latents' normalisation (default: the card's).
+            cancel: An event that stops the call when set.
+            tiling: `exact`, `fast`, `blended`, or None, as above.
+
+        Returns:
+            The scaled latents, float32: a numpy array, or a torch tensor on the input's device.
+
+        Raises:
+            TensorError: Images of a bad shape, dtype or size, empty, or non-finite; `noise` of
+                the wrong shape.
+            DecodeError: An image file or bytes that cannot be decoded.
+            OSError: An image path that cannot be read.
+            EngineError: ONNX Runtime could not load or run the model, the export lacks what the
+                `tiling` asked for needs, or an unknown `tiling`.
+            NonFiniteOutputError: The output is NaN or infinite for finite input.
+            OperationCancelledError: `cancel` was set.
         """
         moments = self.moments(images, tile=tile, cancel=cancel, tiling=tiling)
         z = self._posterior(moments, sample, seed, noise)
@@ -433,7 +475,21 @@ class Engine:
         """Images -> the encoder's output, unscaled, float32: for AutoencoderKL models the
         posterior's moments `[B, 2C, H/8, W/8]` (mean, then log-variance, unclamped: diffusers'
         `DiagonalGaussianDistribution(moments)` is the posterior), for tiny ones the latents
-        `[B, C, H/8, W/8]`. Takes what `encode` takes."""
+        `[B, C, H/8, W/8]`. Takes what `encode` takes.
+
+        Args:
+            images: As for `encode`.
+            tile: As for `encode`.
+            cancel: As for `encode`.
+            tiling: As for `encode`.
+
+        Returns:
+            The unscaled encoder output, float32: numpy, or torch on the input's device.
+
+        Raises:
+            TensorError, DecodeError, OSError, EngineError, NonFiniteOutputError,
+            OperationCancelledError: As for `encode`.
+        """
         x = as_image_batch(images, self.card.spatial_factor, fit=None).nchw_float()
         self._check_image_tensor(x)
         grid = TileGrid(self._tile_px(), self._tile_px() // 4, num=1, den=self.card.spatial_factor)
@@ -479,7 +535,26 @@ class Engine:
         """Scaled latents -> images: uint8 `[B, H, W, 3]` (default) or the raw float `[B, 3, H, W]`
         decoder output (`output="float"`). Packed 3-D latents `[B, HW/4, 4C]` need `height` and
         `width` (the image size in pixels). `scaling`: the latents' normalisation (default: the
-        card's). `cancel` and non-finite output: as `encode`."""
+        card's). `cancel` and non-finite output: as `encode`.
+
+        Args:
+            latents: Scaled latents, numpy or torch, or a `LatentBatch`.
+            height: The image height in pixels, for packed latents.
+            width: The image width in pixels, for packed latents.
+            output: `uint8` or `float`.
+            tile: As for `encode`.
+            scaling: The latents' normalisation (default: the card's).
+            cancel: As for `encode`.
+            tiling: As for `encode`.
+
+        Returns:
+            The images: numpy, or torch on the input's device.
+
+        Raises:
+            TensorError: An unknown `output`; latents of a bad shape or channel count, empty,
+                non-finite, or packed without `height` and `width`.
+            EngineError, NonFiniteOutputError, OperationCancelledError: As for `encode`.
+        """
         if output not in ("uint8", "float"):
             raise TensorError(f"unknown output {output!r}; expected uint8 or float")
         z = as_latent_batch(latents, height, width, channels=self.card.latent_channels).unpacked()

@@ -67,6 +67,22 @@ def decode_image(
     A JPEG cut short decodes with its missing rows filled in (as libjpeg does): that warns
     (`VaelinkWarning`, naming the file), or with `strict=True` raises `DecodeError`. Truncated
     PNG and WebP always raise.
+
+    Args:
+        data: Encoded image bytes, or the path of an image file.
+        max_pixels: The most pixels (width x height) accepted, from the header.
+        background: An `(r, g, b)` colour, 0-255 each, to composite transparent images over.
+        strict: Refuse a truncated JPEG instead of warning.
+
+    Returns:
+        The pixels, a `(H, W, 3)` uint8 array.
+
+    Raises:
+        DecodeError: Empty, truncated, corrupt or unsupported data; a negative `max_pixels` or an
+            invalid `background`.
+        ImageTooLargeError: The header declares more than `max_pixels` pixels.
+        OSError: `data` is a path that cannot be read.
+        TypeError: `data` is neither bytes nor a path.
     """
     if max_pixels < 0:
         raise DecodeError(f"max_pixels must not be negative, got {max_pixels}")
@@ -97,7 +113,19 @@ def _truncated_jpeg(data: BytesLike) -> bool:
 
 
 def probe_image(data: BytesLike | str | os.PathLike[str]) -> ImageInfo:
-    """The format and size of an encoded image, read from its header alone."""
+    """The format and size of an encoded image, read from its header alone.
+
+    Args:
+        data: Encoded image bytes, or the path of an image file.
+
+    Returns:
+        `ImageInfo(format, width, height)`, `format` being `jpeg`, `png` or `webp`.
+
+    Raises:
+        DecodeError: Data that is empty, of an unsupported format, or has no readable header.
+        OSError: `data` is a path that cannot be read.
+        TypeError: `data` is neither bytes nor a path.
+    """
     fmt, width, height = _native.probe_image(_read_bytes(data))
     return ImageInfo(cast(ImageFormat, fmt), width, height)
 
@@ -116,6 +144,19 @@ def encode_image(
     - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib
       at a similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
     - `webp`: lossless.
+
+    Args:
+        pixels: A `(H, W, 3)` uint8 RGB array.
+        format: `png` (default), `jpeg` or `webp`.
+        quality: JPEG quality, 1-100 (checked whatever the format).
+        png_level: None, or a zlib level 0-9.
+
+    Returns:
+        The encoded image.
+
+    Raises:
+        EncodeError: Pixels that are not a non-empty `(H, W, 3)` uint8 array, an unknown
+            `format`, or a `quality` or `png_level` out of range.
     """
     if not 1 <= quality <= 100:
         raise EncodeError(f"JPEG quality must be 1 to 100, got {quality}")
@@ -132,6 +173,18 @@ def fit_to_multiple(
     `crop` (default) cuts the centre, dropping at most `multiple - 1` rows and columns and
     resampling nothing. `resize` resamples the whole image with Lanczos3, as diffusers'
     `VaeImageProcessor` does.
+
+    Args:
+        pixels: A `(H, W, 3)` uint8 RGB array.
+        multiple: The multiple, at least 1.
+        mode: `crop` or `resize`.
+
+    Returns:
+        A new `(H', W', 3)` uint8 array with both sides multiples of `multiple`.
+
+    Raises:
+        EncodeError: `pixels` is not a `(H, W, 3)` uint8 array.
+        TensorError: A `multiple` below 1 or larger than a side, or an unknown `mode`.
     """
     if multiple < 1:
         raise TensorError(f"multiple must be at least 1, got {multiple}")
@@ -140,7 +193,20 @@ def fit_to_multiple(
 
 def resize_image(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """An `(H, W, 3)` uint8 RGB image resampled to `height x width` with Lanczos3 (SIMD, in Rust,
-    the GIL released; within a level or two of Pillow's `LANCZOS`)."""
+    the GIL released; within a level or two of Pillow's `LANCZOS`).
+
+    Args:
+        pixels: A `(H, W, 3)` uint8 RGB array.
+        width: The new width, at least 1.
+        height: The new height, at least 1.
+
+    Returns:
+        The resized `(height, width, 3)` uint8 array.
+
+    Raises:
+        EncodeError: `pixels` is not a `(H, W, 3)` uint8 array.
+        TensorError: A side below 1, or an image that cannot be resized (empty).
+    """
     if width < 1 or height < 1:
         raise TensorError(f"cannot resize to {width}x{height}: sides must be at least 1")
     return _native.resize_image(_rgb_array(pixels), width, height)
@@ -157,7 +223,22 @@ def _rgb_array(pixels: np.ndarray) -> np.ndarray:
 
 def load_rgb(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any image-like input as a `(H, W, 3)` uint8 array: encoded bytes, a file path, a PIL image,
-    or an array (HWC uint8 RGB; gray `(H, W)` is replicated)."""
+    or an array (HWC uint8 RGB; gray `(H, W)` is replicated).
+
+    Args:
+        image: Encoded bytes, a file path, a PIL image, or a uint8 array.
+        max_pixels: The most pixels accepted for encoded images, from the header.
+
+    Returns:
+        The pixels, a `(H, W, 3)` uint8 array.
+
+    Raises:
+        DecodeError: Encoded data that cannot be decoded (as `decode_image`), or an input of
+            another type.
+        ImageTooLargeError: More than `max_pixels` pixels.
+        EncodeError: An array that is neither gray `(H, W)` nor `(H, W, 3)` uint8.
+        OSError: A path that cannot be read.
+    """
     if isinstance(image, BytesLike | str | os.PathLike):
         return decode_image(image, max_pixels=max_pixels)
     if is_pil(image):

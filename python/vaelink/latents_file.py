@@ -40,9 +40,38 @@ def latents_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, st
 def save_latents(
     path: str | os.PathLike[str], tensors: Tensors, metadata: Mapping[str, str] | None = None
 ) -> None:
+    """Writes named tensors and metadata to a safetensors file, whole or not at all (a file
+    already there is kept until the new one is complete).
+
+    Args:
+        path: The file to write.
+        tensors: `{name: array}`, float16, bfloat16, float32 or uint8, none of them 0-d or empty.
+        metadata: String metadata for the file's header.
+
+    Raises:
+        TensorError: A tensor of a dtype other than those four, 0-d, with a zero dimension or
+            more than 8 dimensions.
+        FormatError: Tensors or metadata safetensors cannot hold.
+        OSError: The file cannot be written.
+    """
     atomic_write_bytes(path, latents_to_bytes(tensors, metadata))  # whole, or the old file kept
 
 
 def load_latents(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Reads a safetensors file: named tensors and metadata, as `save_latents` writes them.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        `({name: array}, metadata)`, tensors in file order; bfloat16 ones as
+        `ml_dtypes.bfloat16` arrays.
+
+    Raises:
+        FormatError: A file that is not valid safetensors, or holds a tensor of a dtype other
+            than float16, bfloat16, float32 and uint8.
+        TensorError: A tensor that is 0-d, has a zero dimension or more than 8 dimensions.
+        OSError: The file cannot be read.
+    """
     with open(path, "rb") as f:
         return latents_from_bytes(f.read())

@@ -18,7 +18,19 @@ __all__ = ["pack_latents", "postprocess", "preprocess", "unpack_latents"]
 
 
 def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
-    """uint8 `(H, W, 3)` or `(N, H, W, 3)` -> `(N, 3, H, W)` float32/float16/bfloat16 in [-1, 1]."""
+    """uint8 `(H, W, 3)` or `(N, H, W, 3)` -> `(N, 3, H, W)` float32/float16/bfloat16 in [-1, 1].
+
+    Args:
+        images: uint8 RGB pixels, `HWC` or `NHWC`.
+        dtype: `float32` (default), `float16` or `bfloat16`.
+
+    Returns:
+        The `NCHW` tensor (bfloat16 as `ml_dtypes.bfloat16`).
+
+    Raises:
+        TensorError: Images that are not uint8, not 3-channel `HWC`/`NHWC`, or empty; a `dtype`
+            other than the three.
+    """
     array = np.asarray(images)
     if array.dtype != np.uint8:
         raise TensorError(f"preprocess takes uint8 images, got {array.dtype}")
@@ -27,7 +39,17 @@ def preprocess(images: np.ndarray, dtype: DTypeName = "float32") -> np.ndarray:
 
 
 def postprocess(tensor: np.ndarray) -> np.ndarray:
-    """float32/float16/bfloat16 `(N, C, H, W)` in about [-1, 1] -> uint8 `(N, H, W, C)`."""
+    """float32/float16/bfloat16 `(N, C, H, W)` in about [-1, 1] -> uint8 `(N, H, W, C)`.
+
+    Args:
+        tensor: The decoder output, `NCHW`; values outside [-1, 1] are clipped.
+
+    Returns:
+        The uint8 `NHWC` pixels.
+
+    Raises:
+        TensorError: A tensor of another dtype, not 4-D, or empty.
+    """
     array = np.asarray(tensor)
     native = array.dtype.newbyteorder("=")  # ">f4" too
     if native not in (np.float32, np.float16) and not is_bfloat16(native):
@@ -44,7 +66,17 @@ def _movable(latents: np.ndarray) -> np.ndarray:
 
 def pack_latents(latents: np.ndarray) -> np.ndarray:
     """Flux packing: `(B, C, H, W) -> (B, H/2 * W/2, 4C)`, as diffusers'
-    `FluxPipeline._pack_latents`."""
+    `FluxPipeline._pack_latents`.
+
+    Args:
+        latents: `(B, C, H, W)` latents of a wire dtype, `H` and `W` even.
+
+    Returns:
+        The packed latents, of the same dtype.
+
+    Raises:
+        TensorError: Latents that are not 4-D, not of a wire dtype, or of odd height or width.
+    """
     array = _movable(latents)
     out = _native.pack_latents(to_bits(array))
     return out.view(array.dtype)  # little-endian, like the data the core moved
@@ -52,7 +84,20 @@ def pack_latents(latents: np.ndarray) -> np.ndarray:
 
 def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
     """Flux unpacking for an image of `height x width` pixels: `(B, HW/4, 4C) -> (B, C, H, W)` with
-    `H = 2 * (height // 16)`, `W = 2 * (width // 16)`, as `FluxPipeline._unpack_latents`."""
+    `H = 2 * (height // 16)`, `W = 2 * (width // 16)`, as `FluxPipeline._unpack_latents`.
+
+    Args:
+        latents: `(B, HW/4, 4C)` packed latents of a wire dtype.
+        height: The image height in pixels.
+        width: The image width in pixels.
+
+    Returns:
+        The `(B, C, H, W)` latents, of the same dtype.
+
+    Raises:
+        TensorError: Latents that are not 3-D, not of a wire dtype, or whose token count or
+            channels do not fit `height`, `width`; a size that is negative or under 16 pixels.
+    """
     if height < 0 or width < 0:
         raise TensorError(f"image size must be positive, got {height}x{width}")
     array = _movable(latents)

@@ -36,7 +36,19 @@ class WireTensor(NamedTuple):
 
 
 def to_wire(array: np.ndarray, dtype: DTypeName | None = None) -> WireTensor:
-    """A tensor as a wire body. `dtype` converts first (float32 -> bfloat16 in the Rust core)."""
+    """A tensor as a wire body. `dtype` converts first (float32 -> bfloat16 in the Rust core).
+
+    Args:
+        array: A non-empty array of at least one dimension.
+        dtype: `float16`, `bfloat16`, `float32` or `uint8` to convert to (None: as it is).
+
+    Returns:
+        `WireTensor(body, shape, dtype)`: the little-endian bytes, the shape and the dtype name.
+
+    Raises:
+        TensorError: An empty or 0-d array, an unknown `dtype`, or an array whose dtype the wire
+            cannot carry.
+    """
     array = np.asarray(array)
     if array.ndim == 0 or array.size == 0:
         raise TensorError(f"cannot send an empty or 0-d tensor (shape {array.shape})")
@@ -52,7 +64,20 @@ def from_wire(body: bytes | bytearray | memoryview, shape: Sequence[int], dtype:
     """A wire body as an array, without copying (read-only when `body` is `bytes`).
 
     The length must match `shape` and `dtype` exactly; bfloat16 comes back as
-    `ml_dtypes.bfloat16`."""
+    `ml_dtypes.bfloat16`.
+
+    Args:
+        body: The tensor's little-endian bytes.
+        shape: Its shape: 1 or more positive dimensions.
+        dtype: `float16`, `bfloat16`, `float32` or `uint8`.
+
+    Returns:
+        The array, a view of `body`.
+
+    Raises:
+        TensorError: An unknown `dtype`, an invalid or too large `shape`, or a `body` whose
+            length does not match them.
+    """
     try:
         dims = _native.check_wire_tensor(list(shape), dtype, memoryview(body).nbytes)
     except OverflowError:  # a dimension beyond 64 bits: hostile or garbled, not a programming error
