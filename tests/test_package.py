@@ -85,6 +85,24 @@ except ImportError as e:
     assert "\n" not in out["message"]
 
 
+def test_export_without_a_runtime_says_which_to_install() -> None:
+    # `vaelink[export]` brings torch and diffusers but no runtime: the float16 and checking steps
+    # need one, so export names the extras before any work rather than failing midway.
+    out = run_python(
+        """
+import json, sys
+sys.modules["onnxruntime"] = None
+from vaelink.export import _require_torch
+try:
+    _require_torch()
+except ImportError as e:
+    print(json.dumps({"type": type(e).__name__, "message": str(e)}))
+"""
+    )
+    assert out["type"] == "RuntimeMissingError"
+    assert "pip install 'vaelink[cpu]'" in out["message"]
+
+
 def test_license_file_ships(pyproject: dict) -> None:
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
