@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_server import load, percentile
-from common import free_port, launch_server, write_results
+from common import free_port, launch_server, wait_healthy, write_results
 
 CLIENTS = (1, 8, 32)
 MAX_QUEUE = 256
@@ -82,22 +81,9 @@ def start_cluster(ingress: str, folder: Path) -> tuple[subprocess.Popen[bytes], 
         raise RuntimeError(f"the {ingress} cluster did not start")
     url = f"http://127.0.0.1:{port}"
     for prefix in ("/one", "/two"):
-        wait_healthy(f"{url}{prefix}")
+        if not wait_healthy(f"{url}{prefix}", timeout=180):
+            raise RuntimeError(f"{url}{prefix} never became healthy")
     return process, url
-
-
-def wait_healthy(url: str, timeout: float = 180) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} never became healthy")
 
 
 def start_direct() -> tuple[subprocess.Popen[bytes], str]:

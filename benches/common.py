@@ -91,17 +91,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_server(command: list[str], port: int, timeout: float = 120) -> subprocess.Popen[bytes]:
-    """Starts a server process and waits until `GET /health` on loopback `port` answers 200."""
+def wait_healthy(url: str, timeout: float = 120) -> bool:
+    """Whether `GET <url>/health` answers 200 within `timeout` seconds (asked every 0.2 s)."""
     import requests
 
-    process = subprocess.Popen(command)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.2)
+            if requests.get(url + "/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def launch_server(command: list[str], port: int, timeout: float = 120) -> subprocess.Popen[bytes]:
+    """Starts a server process and waits until `GET /health` on loopback `port` answers 200."""
+    process = subprocess.Popen(command)
+    if wait_healthy(f"http://127.0.0.1:{port}", timeout):
+        return process
     process.kill()
     raise RuntimeError(f"{command[:4]} did not start")

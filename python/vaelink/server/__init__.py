@@ -18,7 +18,7 @@ from .protocol import Limits
 if TYPE_CHECKING:
     from .runner import LogFormat
 
-__all__ = ["Batching", "Guards", "Limits", "create_app", "load_engines", "serve"]
+__all__ = ["Batching", "Guards", "Limits", "build_app", "create_app", "load_engines", "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -53,6 +53,27 @@ def warm_up(engine: Engine) -> None:
     engine.encode(np.zeros((1, 3, 8 * f, 8 * f), np.float32))
 
 
+def build_app(
+    models: Sequence[str | os.PathLike[str]],
+    *,
+    provider: Provider = "auto",
+    warmup: bool = True,
+    token: str | None = None,
+    limits: Limits | None = None,
+    batching: Batching | None = None,
+    guards: Guards | None = None,
+) -> Any:
+    """The app (`create_app`) over `models`, loaded and warmed up: what `serve` runs in its
+    process and each `vaelink serve --ray` replica in its own."""
+    from .app import create_app
+
+    engines = load_engines(models, provider)
+    if warmup:
+        for engine in engines.values():
+            warm_up(engine)
+    return create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
+
+
 def serve(
     models: Sequence[str | os.PathLike[str]],
     *,
@@ -72,15 +93,18 @@ def serve(
     serves them with uvicorn until SIGINT/SIGTERM; requests in flight are answered before the
     process exits (for at most `graceful_timeout` seconds), bodies still arriving are refused.
     Once listening it logs a line per model and the address; `log_format="json"`: JSON lines."""
-    from .app import create_app
     from .runner import bind, make_server
 
     with bind(host, port) as sock:
-        engines = load_engines(models, provider)
-        if warmup:
-            for engine in engines.values():
-                warm_up(engine)
-        app = create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
+        app = build_app(
+            models,
+            provider=provider,
+            warmup=warmup,
+            token=token,
+            limits=limits,
+            batching=batching,
+            guards=guards,
+        )
         server = make_server(
             app,
             host=host,

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ..engine import Provider
 from ..errors import VaelinkError
-from . import load_engines, warm_up
+from . import build_app
 from .batching import Batching
 from .fleet import Fleet, FleetRoutes
 from .guards import Guards
@@ -116,17 +116,13 @@ class Endpoint:
 
     def __init__(self, config: EndpointConfig, fleet: Any) -> None:
         # Serve constructs replicas on their event loop, before any request: blocking is fine.
-        from .app import create_app
-
-        engines = load_engines(config.models, config.provider)
-        if config.warmup:
-            for engine in engines.values():
-                warm_up(engine)
-        app = create_app(
-            engines,
+        app = build_app(
+            config.models,
+            provider=config.provider,
+            warmup=config.warmup,
+            token=config.token,
             limits=config.limits,
             batching=config.batching,
-            token=config.token,
             guards=config.guards,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
