@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import engine_fixtures as ef
 import numpy as np
@@ -19,15 +20,19 @@ import torch
 from PIL import Image
 
 import vaelink
+from vaelink import runtime
 from vaelink.engine import Engine, EngineError
 from vaelink.errors import (
     CorruptExportError,
     ModelNotExportedError,
     NonFiniteOutputError,
     OperationCancelledError,
+    ProviderUnavailableError,
     UnknownModelError,
+    VaelinkWarning,
 )
 from vaelink.exports import MANIFEST, sha256_file
+from vaelink.runtime import GpuMemory, activation_budget
 from vaelink.tiling import TileGrid
 
 TOL = 1e-4  # float32, relative to the reference's largest magnitude
@@ -674,3 +679,186 @@ def test_4096_decode_runs_tiled_within_a_few_gib(tmp_path_factory: pytest.TempPa
     grown = int(result.stdout.strip().splitlines()[-1])
     print(f"4096 x 4096 tiled decode: peak RSS grew by {grown / 2**30:.2f} GiB")
     assert grown < 2 << 30, f"peak RSS grew by {grown / 2**30:.2f} GiB"
+
+
+# -- the CUDA path, with a fake ONNX Runtime -------------------------------------------------------
+# No GPU here: `FakeCudaOrt` lists the CUDA provider and records what sessions are asked for; its
+# sessions run on the real CPU provider and report CUDA when the provider "loads".
+
+
+class FakeSession:
+    def __init__(self, real: Any, path: str, providers: list[Any], ort: FakeCudaOrt) -> None:
+        self.real, self.path, self.providers, self.ort = real, path, providers, ort
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def get_providers(self) -> list[str]:
+        asked_cuda = self.providers[0][0] == "CUDAExecutionProvider"
+        cuda = ["CUDAExecutionProvider"] if asked_cuda and self.ort.cuda_loads else []
+        return [*cuda, "CPUExecutionProvider"]
+
+    def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (x,) = feed.values()
+        self.ort.runs.append((Path(self.path).name, x.dtype.name, x.shape))
+        out = self.real.run(names, feed)
+        if self.ort.nan_float16 and x.dtype == np.float16:
+            return [np.full_like(o, np.nan) for o in out]
+        return out
+
+
+class FakeCudaOrt:
+    def __init__(self, *, cuda_loads: bool = True, arena: bool = True, nan_float16: bool = False):
+        import onnxruntime
+
+        self.real = onnxruntime
+        self.cuda_loads, self.arena, self.nan_float16 = cuda_loads, arena, nan_float16
+        self.sessions: list[FakeSession] = []
+        self.arenas: list[tuple[dict[str, str], int]] = []
+        self.runs: list[tuple[str, str, tuple[int, ...]]] = []
+        self.preloaded = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def get_available_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def preload_dlls(self) -> None:
+        self.preloaded += 1
+
+    def create_and_register_allocator_v2(
+        self, provider: str, memory: Any, options: dict[str, str], arena: Any
+    ) -> None:
+        assert provider == "CUDAExecutionProvider"
+        if not self.arena:
+            raise RuntimeError("no shared CUDA allocator in this build")
+        self.arenas.append((dict(options), arena.max_mem))
+
+    def InferenceSession(self, path: str, options: Any, providers: list[Any]) -> FakeSession:
+        real = self.real.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = FakeSession(real, path, providers, self)
+        self.sessions.append(session)
+        return session
+
+
+H200 = GpuMemory("NVIDIA H200", 141 << 30, 140 << 30)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeCudaOrt]:
+    import vaelink.engine as engine_module
+
+    def install(gpu: GpuMemory | None = H200, **kwargs: Any) -> FakeCudaOrt:
+        ort = FakeCudaOrt(**kwargs)
+        monkeypatch.setattr(engine_module, "load_onnxruntime", lambda: ort)
+        monkeypatch.setattr(engine_module, "gpu_memory", lambda device: gpu)
+        monkeypatch.setattr(runtime, "_preloaded", False)
+        monkeypatch.setattr(runtime, "_shared_arenas", {})
+        return ort
+
+    return install
+
+
+def test_cuda_sessions_are_checked_and_configured(fake_cuda: Callable[..., FakeCudaOrt]) -> None:
+    ort = fake_cuda()
+    engine = Engine()  # auto: the provider is listed and loads
+    assert engine.provider == "cuda" and engine.dtype == "float16"
+    assert engine.execution_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "provider='cuda' (cuda:0, CUDAExecutionProvider" in repr(engine)
+    assert ort.preloaded == 1
+    (decoder,) = ort.sessions  # opened at once, to check that CUDA really loads
+    name, options = decoder.providers[0]
+    assert name == "CUDAExecutionProvider"
+    assert options["device_id"] == "0" and options["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert "gpu_mem_limit" not in options  # the one shared arena carries the cap
+    (arena,) = ort.arenas
+    assert arena[1] == engine._budget() + engine._weights_bytes()
+    assert engine._budget() == activation_budget(H200, engine._weights_bytes())
+    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8), np.float32)
+    images = engine.decode(latents)
+    assert images.shape == (1, 64, 64, 3)
+    assert ort.runs[-1] == ("decoder-float16.onnx", "float16", (1, 16, 8, 8))
+
+
+def test_cuda_that_does_not_load_falls_back_to_the_cpu_for_auto(
+    fake_cuda: Callable[..., FakeCudaOrt],
+) -> None:
+    ort = fake_cuda(cuda_loads=False)
+    with pytest.warns(VaelinkWarning, match="CUDA provider did not load.*on the CPU in float32"):
+        engine = Engine()
+    assert engine.provider == "cpu" and engine.dtype == "float32"
+    assert "provider='cpu'" in repr(engine)
+    engine.decode(np.zeros((1, 16, 8, 8), np.float32))
+    assert ort.sessions[-1].providers == ["CPUExecutionProvider"]
+    assert ort.runs[-1][:2] == ("decoder-float32.onnx", "float32")
+
+
+def test_cuda_asked_for_and_not_loading_raises(fake_cuda: Callable[..., FakeCudaOrt]) -> None:
+    fake_cuda(cuda_loads=False)
+    with pytest.raises(ProviderUnavailableError, match="CUDA provider did not load"):
+        Engine(provider="cuda")
+
+
+def test_cuda_device_and_cudnn_search_reach_the_sessions(
+    fake_cuda: Callable[..., FakeCudaOrt],
+) -> None:
+    ort = fake_cuda()
+    Engine(device_id=1, cudnn_search="heuristic")
+    options = ort.sessions[0].providers[0][1]
+    assert options["device_id"] == "1" and options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert ort.arenas[0][0]["device_id"] == "1"
+    with pytest.raises(EngineError, match="unknown cudnn_search"):
+        Engine(cudnn_search="fastest")  # type: ignore[arg-type]
+
+
+def test_without_a_shared_arena_each_session_is_capped(
+    fake_cuda: Callable[..., FakeCudaOrt],
+) -> None:
+    ort = fake_cuda(arena=False)
+    engine = Engine(memory_limit=1 << 30)
+    options = ort.sessions[0].providers[0][1]
+    assert options["gpu_mem_limit"] == str((1 << 30) + engine._weights_bytes())
+
+
+def test_the_cuda_plan_follows_the_card(fake_cuda: Callable[..., FakeCudaOrt]) -> None:
+    grid = TileGrid(128, 32)
+    fake_cuda(GpuMemory("NVIDIA H200", 141 << 30, 140 << 30))
+    big = Engine()
+    assert big._plan(4096, 4096, None, grid) is None  # 141 GB: no tiling
+    fake_cuda(GpuMemory("a 2 GB card", 2 << 30, 1900 << 20))
+    small = Engine()
+    assert small._budget() == 1900 * (1 << 20) - (1 << 30) - small._weights_bytes()
+    assert small._plan(4096, 4096, None, grid) is grid
+    fake_cuda(None)  # no NVML and no torch context: the documented 8 GiB
+    assert Engine()._budget() == 8 << 30
+
+
+def test_the_float32_retry_is_sliced_for_four_byte_elements(
+    fake_cuda: Callable[..., FakeCudaOrt],
+) -> None:
+    ort = fake_cuda(nan_float16=True)
+    probe = Engine()
+    two_in_float16 = 2 * probe.memory.bytes(64, 64, 2)  # and one in float32
+    engine = Engine(memory_limit=two_in_float16)
+    ort.runs.clear()
+    engine.decode(np.zeros((2, 16, 8, 8), np.float32))
+    assert [(run[1], run[2][0]) for run in ort.runs] == [
+        ("float16", 2),
+        ("float32", 1),
+        ("float32", 1),
+    ]
+
+
+def test_warm_up_on_cuda_runs_the_tile_shape(fake_cuda: Callable[..., FakeCudaOrt]) -> None:
+    ort = fake_cuda()
+    engine = Engine(tile_size=128)
+    ort.runs.clear()
+    engine.warm_up()
+    shapes = {(name.split("-")[0], shape[2:]) for name, _, shape in ort.runs}
+    assert shapes == {
+        ("decoder", (8, 8)),
+        ("encoder", (64, 64)),
+        ("decoder", (16, 16)),
+        ("encoder", (128, 128)),
+    }

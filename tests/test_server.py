@@ -604,6 +604,8 @@ def test_health_and_info(multi):
     assert info["models"]["flux1"]["latent_channels"] == 16
     assert info["models"]["flux1"]["shift_factor"] == pytest.approx(0.1159)
     assert info["models"]["sdxl"]["provider"] == "cpu"
+    assert info["models"]["sdxl"]["execution_providers"] == ["CPUExecutionProvider"]
+    assert info["models"]["sdxl"]["device_id"] is None
     assert info["limits"]["max_pixels"] == 512 * 512
     assert info["batching"]["max_batch"] == 8
     assert info["capabilities"]["decode"]["video"] is False

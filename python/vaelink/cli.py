@@ -171,6 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         provider=args.provider,
+        cudnn_search=args.cudnn_search,
         token=token,
         limits=limits,
         batching=batching,
@@ -198,6 +199,7 @@ def _serve_on_ray(args: argparse.Namespace, **settings: Any) -> int:
     app = ray_serve.application(
         args.model or [DEFAULT_MODEL],
         provider=args.provider,
+        cudnn_search=args.cudnn_search,
         warmup=not args.no_warmup,
         graceful_timeout=args.graceful_timeout,
         replicas=replicas,
@@ -340,6 +342,13 @@ def _add_serve(commands: Subcommands) -> None:
     p.add_argument("--port", type=_positive, default=8000, help="the port to listen on")
     p.add_argument(
         "--provider", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if seen"
+    )
+    p.add_argument(
+        "--cudnn-search",
+        choices=("heuristic", "exhaustive", "default"),
+        default="heuristic",
+        help="how cuDNN picks convolution kernels per new shape on CUDA: exhaustive searches "
+        "(seconds per shape, then the fastest kernels); the tile shape is warmed up at start",
     )
     token = p.add_mutually_exclusive_group()
     token.add_argument(
@@ -823,6 +832,13 @@ def _add_dataset(commands: Subcommands) -> None:
     p.set_defaults(run=dataset_command)
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """`vaelink doctor [--json]`: exit 1 when it finds a problem."""
+    from .doctor import print_report
+
+    return print_report(args.json)
+
+
 def _exported_column(status: list[str] | str | None) -> str:
     """The `models` table's cell: the exported variants, "-" for none, or what is wrong."""
     if status is None:
@@ -863,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("models", help="list the known models and what is exported")
     p.add_argument("--json", action="store_true", help="as JSON: the cards and their exports")
     p.set_defaults(run=models)
+    p = commands.add_parser(
+        "doctor",
+        help="what will run here: runtimes, providers that load, CUDA libraries, GPUs, exports",
+    )
+    p.add_argument("--json", action="store_true", help="as JSON, for bug reports")
+    p.set_defaults(run=doctor)
     p = commands.add_parser("export", help="export a model's VAE to ONNX (needs torch)")
     p.add_argument(
         "model",

@@ -30,12 +30,24 @@ from .errors import (
     CorruptExportError,
     EngineError,
     NonFiniteOutputError,
-    RuntimeMissingError,
+    ProviderUnavailableError,
     TensorError,
+    VaelinkWarning,
 )
 from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, to_numpy, to_torch, torch
+from .runtime import (
+    CudnnSearch,
+    activation_budget,
+    binding_device,
+    cuda_provider_options,
+    gpu_memory,
+    lists_cuda,
+    load_onnxruntime,
+    preload_cuda_libraries,
+    share_cuda_arena,
+)
 from .tiling import TileGrid, check_cancelled, run_tiled
 
 __all__ = ["Engine", "MemoryModel", "Provider"]
@@ -44,18 +56,6 @@ Provider = Literal["auto", "cpu", "cuda"]
 Tiling = Literal["exact", "fast", "blended"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-
-
-def load_onnxruntime() -> Any:
-    """onnxruntime, imported on first use; `RuntimeMissingError` naming the extras without it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise RuntimeMissingError(
-            "the local engine needs ONNX Runtime, which is not installed: "
-            "pip install 'vaelink[cpu]', or 'vaelink[gpu]' for CUDA (one of the two, never both)"
-        ) from None
-    return onnxruntime
 
 
 @functools.cache
@@ -119,18 +119,28 @@ class Engine:
     """Runs one exported model; a `vaelink.backend.Backend`.
 
     `model` is a card name (exported with `vaelink export NAME`, or bundled) or an export folder.
-    `provider`: `auto` picks CUDA when onnxruntime-gpu sees a GPU. `dtype`: float16 by default on
-    CUDA (non-finite pieces are recomputed in float32), float32 on the CPU. `memory_limit` (bytes)
-    caps the activation memory vaelink plans for, and ONNX Runtime's CUDA arena. `tile_size` (pixels,
-    a multiple of the spatial factor) overrides the tiling policy: 512 on the CPU, 1024 on CUDA.
+    `provider`: `auto` picks CUDA when onnxruntime-gpu is installed and its CUDA provider really
+    loads (the engine opens a session at once and checks), else the CPU with one warning; `cuda`
+    raises `ProviderUnavailableError` instead. `dtype`: float16 by default on CUDA (non-finite
+    pieces are recomputed in float32), float32 on the CPU. `memory_limit` (bytes) caps the
+    activation memory vaelink plans for; on CUDA it also caps ONNX Runtime's arena on the device,
+    one arena shared by every session of the process (the first engine on a device sets it).
+    Without it a GPU plans from the card's free memory at start, less the weights and a headroom.
+    `tile_size` (pixels, a multiple of the spatial factor) overrides the tiling policy: 512 on the
+    CPU, 1024 on CUDA. numpy input runs on GPU `device_id`; torch CUDA tensors on their own GPU.
 
     Args:
         model: A card name (exported or bundled), an export folder, or a resolved `Model`.
         provider: `auto`, `cpu` or `cuda`.
         dtype: `float32` or `float16` (default: float16 on CUDA, float32 on the CPU).
-        memory_limit: Bytes of activation memory to plan for (default: 8 GiB on CUDA, half the
-            available RAM on the CPU).
+        memory_limit: Bytes of activation memory to plan for (default: on CUDA the device's free
+            memory less weights and headroom, 8 GiB if it cannot be read; half the available RAM
+            on the CPU).
         tile_size: The tile side in pixels, a multiple of the spatial factor, at least twice it.
+        device_id: The CUDA device for numpy input (CUDA tensors run where they are).
+        cudnn_search: How cuDNN picks convolution algorithms for each new shape: `exhaustive`
+            (ONNX Runtime's default: fastest kernels, seconds of search per new shape), `heuristic`
+            (no search: for services whose shapes vary) or `default`.
 
     Raises:
         UnknownModelError: A name with no model card.
@@ -138,7 +148,8 @@ class Engine:
         CorruptExportError: An export whose manifest or files are missing, changed or invalid, or
             made for another model than its card.
         RuntimeMissingError: ONNX Runtime is not installed.
-        EngineError: An unknown `provider`, or an invalid `tile_size`.
+        ProviderUnavailableError: `provider="cuda"` and the CUDA provider does not load.
+        EngineError: An unknown `provider` or `cudnn_search`, or an invalid `tile_size`.
     """
 
     def __init__(
@@ -149,6 +160,8 @@ class Engine:
         dtype: Literal["float32", "float16"] | None = None,
         memory_limit: int | None = None,
         tile_size: int | None = None,
+        device_id: int = 0,
+        cudnn_search: CudnnSearch = "exhaustive",
     ) -> None:
         resolved = resolve_model(model)
         self.folder = resolved.export_folder()
@@ -156,13 +169,21 @@ class Engine:
         self.card: ModelCard = resolved.card
         _check_card(self.card, self.manifest, self.folder)
         ort = load_onnxruntime()
-        if provider == "auto":
-            provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        if provider not in ("cpu", "cuda"):
+        if provider not in ("auto", "cpu", "cuda"):
             raise EngineError(f"unknown provider {provider!r}; expected auto, cpu or cuda")
-        self.provider = provider
-        self.dtype = dtype or ("float16" if provider == "cuda" else "float32")
+        if cudnn_search not in ("exhaustive", "heuristic", "default"):
+            raise EngineError(
+                f"unknown cudnn_search {cudnn_search!r}; expected exhaustive, heuristic or default"
+            )
+        self.requested_provider: Provider = provider
+        cuda = provider == "cuda" or (provider == "auto" and lists_cuda(ort))
+        self.provider: Literal["cpu", "cuda"] = "cuda" if cuda else "cpu"
+        self._explicit_dtype = dtype
+        self.dtype = dtype or ("float16" if cuda else "float32")
         self.memory_limit = memory_limit
+        self.device_id = device_id
+        self.cudnn_search: CudnnSearch = cudnn_search
+        self._device_budgets: dict[int, int] = {}
         f = self.card.spatial_factor
         if tile_size is not None and (tile_size < 2 * f or tile_size % f):
             raise EngineError(f"tile_size must be a multiple of {f} and at least {2 * f}")
@@ -173,8 +194,41 @@ class Engine:
             attention=bool(config.get("attention", self.card.has_posterior)),
             spatial_factor=self.card.spatial_factor,
         )
-        self._sessions: dict[tuple[str, str], Any] = {}
+        self._sessions: dict[tuple[str, str, int], Any] = {}
         self._noted_blended = False
+        self.execution_providers: list[str] = ["CPUExecutionProvider"]
+        if cuda:
+            self._start_cuda(ort)
+
+    def __repr__(self) -> str:
+        where = f"cuda:{self.device_id}" if self.provider == "cuda" else "cpu"
+        return (
+            f"Engine({self.card.name!r}, provider={self.provider!r} ({where}, "
+            f"{', '.join(self.execution_providers)}), dtype={self.dtype!r})"
+        )
+
+    def _start_cuda(self, ort: Any) -> None:
+        """Loads the CUDA libraries, plans the device's memory, opens the decoder and checks that
+        ONNX Runtime really put it on CUDA; `auto` falls back to the CPU with one warning."""
+        preload_cuda_libraries(ort)
+        self._budget(self.device_id)  # read the card's free memory before any weights load
+        try:
+            self._session("decoder", self.dtype)
+        except ProviderUnavailableError as e:
+            if self.requested_provider == "cuda":
+                raise
+            warnings.warn(
+                f"{e}; running {self.card.name} on the CPU in "
+                f"{self._explicit_dtype or 'float32'} (`vaelink doctor` tells why)",
+                VaelinkWarning,
+                stacklevel=3,
+            )
+            self.provider = "cpu"
+            self.dtype = self._explicit_dtype or "float32"
+            self._sessions.clear()
+            self._device_budgets.clear()
+            return
+        self.execution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -186,38 +240,57 @@ class Engine:
             raise EngineError(f"{self.card.name} has no {dtype} export; export it again")
         return dtype
 
-    def _session(self, part: str, dtype: str) -> Any:
-        key = (part, self._variant(dtype))
+    def _session(self, part: str, dtype: str, device: int | None = None) -> Any:
+        variant = self._variant(dtype)
+        key = (part, variant, self._device(device))
         if key not in self._sessions:
-            self._sessions[key] = self._open(
-                self.folder / self.manifest.variants[key[1]][part]["file"]
-            )
+            file = self.manifest.variants[variant][part]["file"]
+            self._sessions[key] = self._open(self.folder / file, key[2])
         return self._sessions[key]
 
     def _segment_session(self, file: str) -> Any:
-        key = ("segment", file)
+        key = ("segment", file, self._device(None))
         if key not in self._sessions:
-            self._sessions[key] = self._open(self.folder / file)
+            self._sessions[key] = self._open(self.folder / file, key[2])
         return self._sessions[key]
 
-    def _open(self, path: Path) -> Any:
+    def _device(self, device: int | None) -> int:
+        """The CUDA device a run uses (`device_id` unless a tensor says otherwise); 0 on the CPU."""
+        if self.provider != "cuda":
+            return 0
+        return self.device_id if device is None else device
+
+    def _open(self, path: Path, device: int) -> Any:
         ort = load_onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # CPU buffers come from the process's one arena: with an arena per session, each keeping
         # its largest run's buffers, exact tiling's dozens of segments held a gigabyte more.
-        if _register_shared_arena():
-            options.add_session_config_entry("session.use_env_allocators", "1")
+        shared = _register_shared_arena()
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.provider == "cuda":
-            cuda = {"arena_extend_strategy": "kSameAsRequested"}
-            if self.memory_limit:
-                cuda["gpu_mem_limit"] = str(self.memory_limit)
+            cuda = cuda_provider_options(device, self.cudnn_search, None)
+            limit = self._budget(device) + self._weights_bytes()  # weights load through it too
+            # One capped arena per device for all sessions; else each session capped on its own.
+            if share_cuda_arena(ort, device, limit, cuda):
+                shared = True
+            else:
+                cuda["gpu_mem_limit"] = str(limit)
             providers.insert(0, ("CUDAExecutionProvider", cuda))
+        if shared:
+            options.add_session_config_entry("session.use_env_allocators", "1")
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {path}: {e}") from e
+        if self.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            # ONNX Runtime logs one line and builds a CPU session when CUDA or cuDNN fail to load.
+            raise ProviderUnavailableError(
+                f"ONNX Runtime's CUDA provider did not load for {path.name} (its session has "
+                f"{', '.join(session.get_providers())}): onnxruntime-gpu needs the CUDA and cuDNN "
+                "libraries (pip install 'vaelink[gpu]') and a visible GPU"
+            )
+        return session
 
     def _run_graph(self, part: str, x: Any) -> Any:
         """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
@@ -227,7 +300,11 @@ class Engine:
         result = run(part, x, self.dtype)
         finite = bool(array_namespace(result).isfinite(result).all())
         if not finite and self.dtype != "float32":
-            result = run(part, x, "float32")
+            # float32 needs twice the memory: the slice is split to the float32 plan.
+            h, w = self._pixels(part, x.shape)
+            slices = self._batch_slices(len(x), h, w, itemsize=4)
+            pieces = [run(part, x[s], "float32") for s in slices]
+            result = pieces[0] if len(pieces) == 1 else array_namespace(x).concatenate(pieces)
             finite = bool(array_namespace(result).isfinite(result).all())
         if not finite:
             what = "latents far outside the model's range?" if part == "decoder" else "images"
@@ -235,6 +312,11 @@ class Engine:
                 f"{self.card.name} {part} output contains NaN or infinity for finite input ({what})"
             )
         return result
+
+    def _pixels(self, part: str, shape: Sequence[int]) -> tuple[int, int]:
+        """The image size in pixels of a graph input's shape."""
+        f = 1 if part == "encoder" else self.card.spatial_factor
+        return shape[2] * f, shape[3] * f
 
     def _out_shape(self, part: str, shape: Sequence[int]) -> tuple[int, ...]:
         b, _, h, w = shape
@@ -245,26 +327,37 @@ class Engine:
         return (b, c, h // f, w // f)
 
     def _run_bound(self, part: str, x: Any, dtype: str) -> Any:
-        """Runs on torch memory in place: input and output bound to the tensors' device buffers."""
-        session = self._session(part, dtype)
-        torch_dtype = torch().float16 if dtype == "float16" else torch().float32
-        x = x.to(torch_dtype).contiguous()
-        out = torch().empty(self._out_shape(part, x.shape), dtype=torch_dtype, device=x.device)
-        device = "cuda" if x.is_cuda else "cpu"
-        index = x.device.index or 0
+        """Runs on torch memory in place: input and output bound to the tensors' device buffers.
+        A CUDA tensor runs on its own GPU; a tensor the session cannot read (CUDA for a CPU
+        session, MPS, XPU) goes through host memory, and the result returns to its device."""
+        t = torch()
+        home = x.device
+        kind, index = binding_device(home.type, home.index, self.provider)
+        if kind == "cuda" and index is None:
+            index = t.cuda.current_device()
+        torch_dtype = t.float16 if dtype == "float16" else t.float32
+        x = x.to(device=home if kind == "cuda" else "cpu", dtype=torch_dtype).contiguous()
+        session = self._session(part, dtype, index)
+        out = t.empty(self._out_shape(part, x.shape), dtype=torch_dtype, device=x.device)
+        if kind == "cuda":
+            # ONNX Runtime runs on a stream of its own and does not wait for torch's: `x` may still
+            # be written, and `out` reuse memory a pending kernel reads, until torch's stream is done.
+            t.cuda.current_stream(x.device).synchronize()
         binding = session.io_binding()
         for bind, arg, tensor in (
             (binding.bind_input, session.get_inputs()[0], x),
             (binding.bind_output, session.get_outputs()[0], out),
         ):
-            bind(arg.name, device, index, np.dtype(dtype), tuple(tensor.shape), tensor.data_ptr())
+            bind(
+                arg.name, kind, index or 0, np.dtype(dtype), tuple(tensor.shape), tensor.data_ptr()
+            )
         try:
-            session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)  # returns once ONNX Runtime's stream is done
         except Exception as e:
             raise EngineError(
                 f"{self.card.name} {part} failed on input {tuple(x.shape)}: {e}"
             ) from e
-        return out.float()
+        return out.float().to(home)
 
     def _run_session(self, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
         session = self._session(part, dtype)
@@ -277,10 +370,26 @@ class Engine:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _budget(self) -> int:
+    def _budget(self, device: int | None = None) -> int:
+        """Bytes of activations to plan for: `memory_limit`; on a GPU its free memory at the
+        engine's start less weights and headroom; on the CPU half the available RAM."""
         if self.memory_limit:
             return self.memory_limit
-        return (8 << 30) if self.provider == "cuda" else available_memory() // 2
+        if self.provider != "cuda":
+            return available_memory() // 2
+        device = self._device(device)
+        if device not in self._device_budgets:
+            budget = activation_budget(gpu_memory(device), self._weights_bytes())
+            self._device_budgets[device] = budget
+        return self._device_budgets[device]
+
+    def _weights_bytes(self) -> int:
+        """What the sessions a run may open hold on the device: the engine's variant, the float32
+        retry's and exact tiling's segments (an upper bound: each is loaded only when used)."""
+        variants = {self._variant(self.dtype), "float32"}
+        files = [e for v in variants for e in self.manifest.variants[v].values()]
+        files += [s for steps in self.manifest.segments.values() for s in steps if "file" in s]
+        return sum(int(e["bytes"]) for e in [*files, *self.manifest.data_files])
 
     def _itemsize(self) -> int:
         return 2 if self.dtype == "float16" else 4
@@ -292,8 +401,10 @@ class Engine:
         too_big = self.memory.bytes(height, width, self._itemsize()) > self._budget()
         return grid if tile or too_big else None
 
-    def _batch_slices(self, n: int, height: int, width: int) -> list[slice]:
-        per_image = max(1, self.memory.bytes(height, width, self._itemsize()))
+    def _batch_slices(
+        self, n: int, height: int, width: int, itemsize: int | None = None
+    ) -> list[slice]:
+        per_image = max(1, self.memory.bytes(height, width, itemsize or self._itemsize()))
         step = max(1, min(n, self._budget() // per_image))
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -405,6 +516,18 @@ class Engine:
         )
 
     # -- public API -----------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """An encode and a decode per shape that requests will run, so that the first request pays
+        neither for loading graphs nor, on CUDA, for cuDNN's algorithm search on a new shape: a
+        small image, and on CUDA one tile of the tiling grid (every tile has the tile's shape)."""
+        f, c = self.card.spatial_factor, self.card.latent_channels
+        sizes = [8 * f, self._tile_px()] if self.provider == "cuda" else [8 * f]
+        for size in sizes:
+            self.decode(
+                np.zeros((1, c, size // f, size // f), np.float32), output="float", tile=False
+            )
+            self.encode(np.zeros((1, 3, size, size), np.float32), tile=False)
 
     def encode(
         self,

@@ -18,7 +18,8 @@ as diffusers' own remote functions raise.
     │   ├── ModelMismatchError (ValueError)  a VAE that does not fit the card it is exported as
     │   ├── HubError                         the Hugging Face Hub could not give or take a repo's files
     │   └── EngineError (RuntimeError)       ONNX Runtime could not load or run a model
-    │       └── RuntimeMissingError (ImportError)  no ONNX Runtime: vaelink[cpu] or vaelink[gpu]
+    │       ├── RuntimeMissingError (ImportError)  no ONNX Runtime: vaelink[cpu] or vaelink[gpu]
+    │       └── ProviderUnavailableError     provider="cuda" asked for, and CUDA did not load
     ├── RemoteError (RuntimeError)           an endpoint failed; `status`, `url`, `retry_after`
     │   ├── RemoteConnectionError            no connection, or it broke
     │   ├── RemoteTimeoutError               no answer in time
@@ -52,6 +53,7 @@ __all__ = [
     "ModelNotExportedError",
     "NonFiniteOutputError",
     "OperationCancelledError",
+    "ProviderUnavailableError",
     "QueueFullError",
     "RejectedRequestError",
     "RemoteAuthError",
@@ -149,6 +151,12 @@ class RuntimeMissingError(EngineError, ImportError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.name = "onnxruntime"
+
+
+class ProviderUnavailableError(EngineError):
+    """The CUDA execution provider was asked for and did not load: onnxruntime-gpu is missing, or
+    ONNX Runtime could not load the CUDA or cuDNN libraries, or sees no GPU (`vaelink doctor` tells
+    which). With `provider="auto"` the engine warns and runs on the CPU instead."""
 
 
 # -- remote endpoints -----------------------------------------------------------------------------

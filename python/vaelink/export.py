@@ -35,6 +35,7 @@ from .exports import (
     staged,
     versions,
 )
+from .runtime import RUNTIME_DISTRIBUTIONS, load_onnxruntime
 
 __all__ = ["VARIANTS", "export_model", "export_vae"]
 
@@ -52,8 +53,6 @@ def _require_torch() -> Any:
             f"exporting needs torch, diffusers and onnx ({e.name} is missing): "
             "pip install 'vaelink[export]'"
         ) from None
-    from .engine import load_onnxruntime
-
     load_onnxruntime()  # the float16 and checking steps run ONNX Runtime: one sentence naming [cpu]/[gpu]
     return torch
 
@@ -178,7 +177,7 @@ def export_vae(
             card=card,
             variants=files,
             source=record,
-            exporter=versions("torch", "diffusers", "onnx", "onnxruntime"),
+            exporter=versions("torch", "diffusers", "onnx", *RUNTIME_DISTRIBUTIONS),
             segments=segments,
             fused=fused,
         )

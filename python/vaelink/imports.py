@@ -41,6 +41,7 @@ from .exports import (
     staged,
     versions,
 )
+from .runtime import RUNTIME_DISTRIBUTIONS, load_onnxruntime
 
 __all__ = ["find_onnx_layout", "import_onnx", "imported"]
 
@@ -94,8 +95,6 @@ class _Graph:
 
 
 def _open(path: Path) -> _Graph:
-    from .engine import load_onnxruntime
-
     ort = load_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -293,7 +292,7 @@ def import_onnx(
             card=model_card,
             variants=files,
             source=record,
-            exporter=versions("onnxruntime", "onnx"),
+            exporter=versions(*RUNTIME_DISTRIBUTIONS, "onnx"),
             data_files=data_files,
         )
         (work / MANIFEST).write_text(manifest.to_json())

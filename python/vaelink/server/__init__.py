@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine import Engine, Provider
 from ..errors import VaelinkError
+from ..runtime import CudnnSearch
 from .batching import Batching
 from .guards import Guards
 from .protocol import Limits
@@ -31,12 +32,15 @@ def __getattr__(name: str) -> Any:
 
 
 def load_engines(
-    models: Sequence[str | os.PathLike[str]], provider: Provider = "auto"
+    models: Sequence[str | os.PathLike[str]],
+    provider: Provider = "auto",
+    cudnn_search: CudnnSearch = "heuristic",
 ) -> dict[str, Engine]:
-    """An engine per `--model` (card name or export folder), keyed by the card's name."""
+    """An engine per `--model` (card name or export folder), keyed by the card's name. A service
+    sees many shapes: cuDNN's heuristic by default, not seconds of search on each new one."""
     engines: dict[str, Engine] = {}
     for model in models:
-        engine = Engine(model, provider=provider)
+        engine = Engine(model, provider=provider, cudnn_search=cudnn_search)
         name = engine.card.name
         if name in engines:
             raise VaelinkError(f"model {name!r} is given twice; each name is served once")
@@ -44,19 +48,11 @@ def load_engines(
     return engines
 
 
-def warm_up(engine: Engine) -> None:
-    """One small encode and decode, so that the first request does not pay for loading graphs."""
-    import numpy as np
-
-    f, c = engine.card.spatial_factor, engine.card.latent_channels
-    engine.decode(np.zeros((1, c, 8, 8), np.float32), output="float")
-    engine.encode(np.zeros((1, 3, 8 * f, 8 * f), np.float32))
-
-
 def build_app(
     models: Sequence[str | os.PathLike[str]],
     *,
     provider: Provider = "auto",
+    cudnn_search: CudnnSearch = "heuristic",
     warmup: bool = True,
     token: str | None = None,
     limits: Limits | None = None,
@@ -67,10 +63,10 @@ def build_app(
     process and each `vaelink serve --ray` replica in its own."""
     from .app import create_app
 
-    engines = load_engines(models, provider)
+    engines = load_engines(models, provider, cudnn_search)
     if warmup:
         for engine in engines.values():
-            warm_up(engine)
+            engine.warm_up()
     return create_app(engines, limits=limits, batching=batching, token=token, guards=guards)
 
 
@@ -80,6 +76,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     provider: Provider = "auto",
+    cudnn_search: CudnnSearch = "heuristic",
     token: str | None = None,
     limits: Limits | None = None,
     batching: Batching | None = None,
@@ -99,6 +96,7 @@ def serve(
         app = build_app(
             models,
             provider=provider,
+            cudnn_search=cudnn_search,
             warmup=warmup,
             token=token,
             limits=limits,

@@ -253,7 +253,12 @@ class ModelService:
             "shift_factor": card.shift_factor,
             "spatial_factor": card.spatial_factor,
             "packed_latents": card.packed_latents,
+            # What runs, after the engine checked its sessions (not what was asked for).
             "provider": self.engine.provider,
+            "execution_providers": list(getattr(self.engine, "execution_providers", [])),
+            "device_id": getattr(self.engine, "device_id", 0)
+            if self.engine.provider == "cuda"
+            else None,
             "dtype": self.engine.dtype,
         }
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ..engine import Provider
 from ..errors import VaelinkError
+from ..runtime import CudnnSearch
 from . import build_app
 from .batching import Batching
 from .fleet import Fleet, FleetRoutes
@@ -103,6 +104,7 @@ class EndpointConfig:
 
     models: list[str]
     provider: Provider = "auto"
+    cudnn_search: CudnnSearch = "heuristic"
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
@@ -119,6 +121,7 @@ class Endpoint:
         app = build_app(
             config.models,
             provider=config.provider,
+            cudnn_search=config.cudnn_search,
             warmup=config.warmup,
             token=config.token,
             limits=config.limits,
@@ -147,6 +150,7 @@ def application(
     models: Sequence[str | os.PathLike[str]],
     *,
     provider: Provider = "auto",
+    cudnn_search: CudnnSearch = "heuristic",
     token: str | None = None,
     limits: Limits | None = None,
     batching: Batching | None = None,
@@ -167,6 +171,7 @@ def application(
     config = EndpointConfig(
         models=[os.fspath(m) for m in models],
         provider=provider,
+        cudnn_search=cudnn_search,
         token=token,
         limits=limits or Limits(),
         batching=batching,
