@@ -2,10 +2,18 @@
 
     python benches/bench_engine.py                       # CPU: medium and real SD configs
     python benches/bench_engine.py --device cuda         # GPU: real SD architecture, 512-2048
+    python benches/bench_engine.py --plan medium:64,128  # the same run, other configs and sizes
 
 Weights are seeded random at the real SD-family architecture (128/256/512/512, 4 latent channels);
 speed does not depend on the weights' values. Results: benches/results/engine-<device>-<machine>.json.
 On CUDA it also records peak memory and a tiled 4096 x 4096 decode.
+
+Before timing anything it checks the answers (and exits 1 if one is wrong, after writing the JSON):
+the sessions' providers are the device's; torch tensors through IO binding (untiled, exact- and
+blended-tiled) equal the numpy path; the engine matches diffusers on the same weights and inputs;
+exact tiling matches untiled. It records each size's first-call latency on a fresh engine (cuDNN's
+algorithm search, per cuDNN search mode on CUDA) besides the medians. `--plan medium:64` on the
+CPU rehearses the whole GPU script in a minute.
 
     python benches/bench_engine.py --exact medium:1024:512   # exact tiling vs untiled, CONFIG:SIZE:TILE
 
@@ -81,9 +89,11 @@ def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[st
     export_s = time.perf_counter() - t0
     dtype = torch.float16 if device == "cuda" else torch.float32
     vae = vae.to(device=device, dtype=dtype)
+    rows: dict[str, Any] = {"export_seconds": export_s}
+    rows["first_call_ms"] = {str(size): first_calls(export, device, size) for size in sizes}
     engine = Engine(export, provider="cpu" if device == "cpu" else "cuda")
     runs = 3 if device == "cpu" else 10
-    rows: dict[str, Any] = {"export_seconds": export_s}
+    rows["checks"] = {str(size): check_answers(engine, vae, export, size) for size in sizes}
     for size in sizes:
         rng = np.random.default_rng(size)
         image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
@@ -128,6 +138,107 @@ def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[st
         print(config, size, {k: round(v, 2) for k, v in row.items()}, flush=True)
         rows[str(size)] = row
     return rows
+
+
+# Largest difference relative to the reference's largest magnitude, per comparison and dtype.
+TOLERANCE = {
+    "float32": {"same_session": 1e-5, "diffusers": 1e-3, "exact_vs_untiled": 1e-4},
+    "float16": {"same_session": 5e-3, "diffusers": 3e-2, "exact_vs_untiled": 3e-2},
+}
+failures: list[str] = []
+
+
+def rel(a: Any, b: Any) -> float:
+    a, b = (np.asarray(v.float().cpu() if hasattr(v, "cpu") else v, np.float64) for v in (a, b))
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def check_answers(engine: Any, vae: Any, export: Path, size: int) -> dict[str, Any]:
+    """The engine's answers at `size` against the numpy path, diffusers and untiled; a wrong one is
+    recorded in `failures` (the run exits 1 once its JSON is written)."""
+    import torch
+
+    from vaelink.engine import Engine
+
+    device = "cuda" if engine.provider == "cuda" else "cpu"
+    expected = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = engine._session("decoder", engine.dtype)
+    providers = list(session.get_providers())
+    row: dict[str, Any] = {"providers": providers, "dtype": engine.dtype}
+    if providers[:1] != expected:
+        failures.append(f"{size}: the session runs on {providers}, not {expected}")
+    scale = engine.card.scaling_factor
+    rng = np.random.default_rng(1000 + size)
+    image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    x = torch.from_numpy(2 * image.astype(np.float32) / 255 - 1).permute(0, 3, 1, 2).to(device)
+    z = torch.from_numpy(latents).to(device)
+    with torch.no_grad():
+        theirs_z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float().cpu().numpy() * scale
+        theirs_image = vae.decode((z / scale).to(vae.dtype)).sample.float().cpu().numpy()
+    tiled = Engine(export, provider=engine.provider, tile_size=max(16, size // 2))
+    answers = {
+        "encode": {
+            "numpy": engine.encode(image, tile=False),
+            "torch": engine.encode(x, tile=False),
+            "diffusers": theirs_z,
+            "exact numpy": tiled.encode(image, tile=True, tiling="exact"),
+            "exact torch": tiled.encode(x, tile=True, tiling="exact"),
+            "blended numpy": tiled.encode(image, tile=True, tiling="blended"),
+            "blended torch": tiled.encode(x, tile=True, tiling="blended"),
+        },
+        "decode": {
+            "numpy": engine.decode(latents, output="float", tile=False),
+            "torch": engine.decode(z, output="float", tile=False),
+            "diffusers": theirs_image,
+            "exact numpy": tiled.decode(latents, output="float", tile=True, tiling="exact"),
+            "exact torch": tiled.decode(z, output="float", tile=True, tiling="exact"),
+            "blended numpy": tiled.decode(latents, output="float", tile=True, tiling="blended"),
+            "blended torch": tiled.decode(z, output="float", tile=True, tiling="blended"),
+        },
+    }
+    tolerance = TOLERANCE[engine.dtype]
+    for part, a in answers.items():
+        for kind in ("torch", "exact torch", "blended torch"):
+            if str(a[kind].device) != str(x.device):
+                failures.append(f"{size} {part}: {kind} answered on {a[kind].device}")
+        comparisons = {
+            "torch vs numpy": (a["torch"], a["numpy"], "same_session"),
+            "exact torch vs numpy": (a["exact torch"], a["exact numpy"], "same_session"),
+            "blended torch vs numpy": (a["blended torch"], a["blended numpy"], "same_session"),
+            "vs diffusers": (a["numpy"], a["diffusers"], "diffusers"),
+            "exact vs untiled": (a["exact numpy"], a["numpy"], "exact_vs_untiled"),
+        }
+        for name, (ours, reference, kind) in comparisons.items():
+            error = rel(ours, reference)
+            row[f"{part} {name}"] = error
+            if not error <= tolerance[kind]:  # NaN fails too
+                failures.append(f"{size} {part} {name}: {error:.2e} > {tolerance[kind]:.0e}")
+    print("checks", size, {k: v for k, v in row.items()}, flush=True)
+    return row
+
+
+def first_calls(export: Path, device: str, size: int) -> dict[str, float]:
+    """A fresh engine's first encode and decode at `size` (loading, then on CUDA cuDNN's search for
+    the new shape), per cuDNN search mode on CUDA: what a request meets without a warm-up."""
+    from vaelink.engine import Engine
+
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    searches = ("exhaustive", "heuristic") if device == "cuda" else ("exhaustive",)
+    row = {}
+    for search in searches:
+        engine = Engine(export, provider=device, cudnn_search=search)  # type: ignore[arg-type]
+        for part, call in (
+            ("decode", lambda e=engine: e.decode(latents, output="float", tile=False)),
+            ("encode", lambda e=engine: e.encode(image, tile=False)),
+        ):
+            t0 = time.perf_counter()
+            call()
+            row[f"{part}_{search}"] = 1e3 * (time.perf_counter() - t0)
+    print("first call ms", size, {k: round(v, 1) for k, v in row.items()}, flush=True)
+    return row
 
 
 def device_used_bytes() -> int:
@@ -376,6 +487,9 @@ def main() -> None:
     parser.add_argument("--exact", metavar="CONFIG:SIZE:TILE", action="append")
     parser.add_argument("--tiling", metavar="CONFIG:SIZE:TILE[:MODE+MODE...]", action="append")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--plan", metavar="CONFIG:SIZE,SIZE", action="append", help="configs and sizes to run"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -401,7 +515,11 @@ def main() -> None:
                 rows.append(exact_tiling(config, int(size), int(tile), Path(tmp), args.reps))
         print(f"wrote {write_results('engine-exact-cpu', {'device': 'cpu', 'exact': rows})}")
         return
-    if args.device == "cuda":
+    if args.plan:
+        plan = {
+            c: [int(s) for s in sizes.split(",")] for c, sizes in (p.split(":") for p in args.plan)
+        }
+    elif args.device == "cuda":
         plan = {"sd": [512, 1024, 2048]}
     else:
         plan = {"medium": [256, 512], "sd": [256]}
@@ -409,11 +527,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config, sizes in plan.items():
             results[config] = measure(config, sizes, args.device, Path(tmp))
-        if args.device == "cuda":
+        if args.device == "cuda" and not args.plan:
             results["tiled_4096_decode"] = tiled_decode(Path(tmp), 4096, 2048)
             print(results["tiled_4096_decode"])
+    results["failures"] = failures
     path = write_results(f"engine-{args.device}", results)
     print(f"wrote {path}")
+    if failures:
+        print("WRONG ANSWERS:", *failures, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

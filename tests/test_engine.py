@@ -735,7 +735,9 @@ class FakeCudaOrt:
             raise RuntimeError("no shared CUDA allocator in this build")
         self.arenas.append((dict(options), arena.max_mem))
 
-    def InferenceSession(self, path: str, options: Any, providers: list[Any]) -> FakeSession:
+    def InferenceSession(
+        self, path: str, options: Any = None, *, providers: list[Any]
+    ) -> FakeSession:
         real = self.real.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         session = FakeSession(real, path, providers, self)
         self.sessions.append(session)
@@ -767,18 +769,22 @@ def test_cuda_sessions_are_checked_and_configured(fake_cuda: Callable[..., FakeC
     assert engine.execution_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert "provider='cuda' (cuda:0, CUDAExecutionProvider" in repr(engine)
     assert ort.preloaded == 1
-    (decoder,) = ort.sessions  # opened at once, to check that CUDA really loads
-    name, options = decoder.providers[0]
+    (probe,) = ort.sessions  # a small graph opened at once, to check that CUDA really loads
+    assert probe.path == str(runtime.PROBE_MODEL)
+    name, options = probe.providers[0]
     assert name == "CUDAExecutionProvider"
     assert options["device_id"] == "0" and options["cudnn_conv_algo_search"] == "EXHAUSTIVE"
-    assert "gpu_mem_limit" not in options  # the one shared arena carries the cap
-    (arena,) = ort.arenas
-    assert arena[1] == engine._budget() + engine._weights_bytes()
-    assert engine._budget() == activation_budget(H200, engine._weights_bytes())
     latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8), np.float32)
     images = engine.decode(latents)
     assert images.shape == (1, 64, 64, 3)
     assert ort.runs[-1] == ("decoder-float16.onnx", "float16", (1, 16, 8, 8))
+    decoder = ort.sessions[-1]
+    assert decoder.providers[0] == ("CUDAExecutionProvider", options)
+    assert "gpu_mem_limit" not in options  # the one shared arena carries the cap
+    engine.encode(np.zeros((1, 64, 64, 3), np.uint8))
+    (arena,) = ort.arenas  # one for the device, however many sessions
+    assert arena[1] == engine._budget() + engine._weights_bytes()
+    assert engine._budget() == activation_budget(H200, engine._weights_bytes())
 
 
 def test_cuda_that_does_not_load_falls_back_to_the_cpu_for_auto(
@@ -800,13 +806,25 @@ def test_cuda_asked_for_and_not_loading_raises(fake_cuda: Callable[..., FakeCuda
         Engine(provider="cuda")
 
 
+def test_a_cuda_session_that_loses_its_provider_later_is_refused(
+    fake_cuda: Callable[..., FakeCudaOrt],
+) -> None:
+    ort = fake_cuda()
+    engine = Engine()
+    ort.cuda_loads = False  # the probe saw CUDA; a model's own session must show it too
+    with pytest.raises(ProviderUnavailableError, match=r"did not load for decoder-float16\.onnx"):
+        engine.decode(np.zeros((1, 16, 8, 8), np.float32))
+
+
 def test_cuda_device_and_cudnn_search_reach_the_sessions(
     fake_cuda: Callable[..., FakeCudaOrt],
 ) -> None:
     ort = fake_cuda()
-    Engine(device_id=1, cudnn_search="heuristic")
-    options = ort.sessions[0].providers[0][1]
-    assert options["device_id"] == "1" and options["cudnn_conv_algo_search"] == "HEURISTIC"
+    engine = Engine(device_id=1, cudnn_search="heuristic")
+    engine.decode(np.zeros((1, 16, 8, 8), np.float32))
+    for session in ort.sessions:  # the probe and the decoder
+        options = session.providers[0][1]
+        assert options["device_id"] == "1" and options["cudnn_conv_algo_search"] == "HEURISTIC"
     assert ort.arenas[0][0]["device_id"] == "1"
     with pytest.raises(EngineError, match="unknown cudnn_search"):
         Engine(cudnn_search="fastest")  # type: ignore[arg-type]
@@ -817,7 +835,8 @@ def test_without_a_shared_arena_each_session_is_capped(
 ) -> None:
     ort = fake_cuda(arena=False)
     engine = Engine(memory_limit=1 << 30)
-    options = ort.sessions[0].providers[0][1]
+    engine.decode(np.zeros((1, 16, 8, 8), np.float32))
+    options = ort.sessions[-1].providers[0][1]
     assert options["gpu_mem_limit"] == str((1 << 30) + engine._weights_bytes())
 
 

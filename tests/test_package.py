@@ -131,7 +131,9 @@ def test_runtime_is_an_extra_and_never_forced(pyproject: dict) -> None:
     runtimes = {"onnxruntime", "onnxruntime-gpu"}
     assert not requirement_names(project["dependencies"]) & runtimes
     assert requirement_names(extras["cpu"]) == {"onnxruntime"}
-    assert requirement_names(extras["gpu"]) == {"onnxruntime-gpu"}
+    # The CUDA build with its CUDA/cuDNN wheels, and NVML for the card's free memory.
+    assert requirement_names(extras["gpu"]) == {"onnxruntime-gpu", "nvidia-ml-py"}
+    assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]") for r in extras["gpu"])
     for name, requirements in extras.items():
         if name not in ("cpu", "gpu"):
             assert not requirement_names(requirements) & runtimes, name

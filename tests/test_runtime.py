@@ -152,9 +152,11 @@ def test_gpu_memory_reads_nvml_through_visible_devices(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert runtime.gpu_memory(0) == GpuMemory("NVIDIA H200", 141 * GiB, 140 * GiB)
+    assert [g.name for g in runtime.visible_gpus()] == ["NVIDIA H200"]  # NVML has no device 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
     assert runtime.gpu_memory(0) == GpuMemory("NVIDIA L4", 24 * GiB, 20 * GiB)
     assert runtime.gpu_memory(1) == GpuMemory("NVIDIA H200", 141 * GiB, 140 * GiB)
+    assert [g.name for g in runtime.visible_gpus()] == ["NVIDIA L4", "NVIDIA H200"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert runtime.gpu_memory(0) is None  # NVML has no device 1: unknown, not an exception
 

@@ -24,17 +24,16 @@ from .exports import MANIFEST, cache_dir, find_export, read_manifest
 from .runtime import (
     conflict_message,
     cuda_provider_options,
-    gpu_memory,
+    cuda_session_providers,
     installed_runtimes,
     lists_cuda,
     load_onnxruntime,
     loaded_cuda_libraries,
     preload_cuda_libraries,
+    visible_gpus,
 )
 
 __all__ = ["diagnose", "format_report"]
-
-MAX_GPUS = 64
 
 
 def _version(package: str) -> str | None:
@@ -63,16 +62,13 @@ def _captured_stderr() -> Iterator[list[str]]:
 
 
 def _probe_cuda(ort: Any) -> dict[str, Any]:
-    """Opens the bundled decoder on the CUDA provider: does ONNX Runtime keep it?"""
+    """Opens a small graph on the CUDA provider: does ONNX Runtime keep it?"""
     if not lists_cuda(ort):
         return {"status": "not built", "detail": "this onnxruntime has no CUDA provider"}
     preload_cuda_libraries(ort)
-    model = find_export(DEFAULT_MODEL) / "decoder-float32.onnx"
-    cuda = ("CUDAExecutionProvider", cuda_provider_options(0, "heuristic", None))
     with _captured_stderr() as log:
         try:
-            session = ort.InferenceSession(str(model), providers=[cuda, "CPUExecutionProvider"])
-            providers = list(session.get_providers())
+            providers = cuda_session_providers(ort, cuda_provider_options(0, "heuristic", None))
         except Exception as e:  # onnxruntime raises its own exception types
             providers, log = [], [str(e)]
     if "CUDAExecutionProvider" in providers:
@@ -97,13 +93,10 @@ def _runtime() -> dict[str, Any]:
 
 
 def _gpus() -> list[dict[str, Any]]:
-    found = []
-    for index in range(MAX_GPUS):
-        gpu = gpu_memory(index)
-        if gpu is None:
-            break
-        found.append({"index": index, "name": gpu.name, "total": gpu.total, "free": gpu.free})
-    return found
+    return [
+        {"index": index, "name": gpu.name, "total": gpu.total, "free": gpu.free}
+        for index, gpu in enumerate(visible_gpus())
+    ]
 
 
 def _exports() -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from .runtime import (
     activation_budget,
     binding_device,
     cuda_provider_options,
+    cuda_session_providers,
     gpu_memory,
     lists_cuda,
     load_onnxruntime,
@@ -208,27 +209,35 @@ class Engine:
         )
 
     def _start_cuda(self, ort: Any) -> None:
-        """Loads the CUDA libraries, plans the device's memory, opens the decoder and checks that
-        ONNX Runtime really put it on CUDA; `auto` falls back to the CPU with one warning."""
+        """Loads the CUDA libraries, plans the device's memory and checks, on a small graph, that
+        ONNX Runtime's CUDA provider really loads (the model's own graphs may not even build on
+        the CPU: the float16-cuda variant's fused kernels are CUDA-only); `auto` falls back to the
+        CPU with one warning, `cuda` raises."""
         preload_cuda_libraries(ort)
         self._budget(self.device_id)  # read the card's free memory before any weights load
-        try:
-            self._session("decoder", self.dtype)
-        except ProviderUnavailableError as e:
-            if self.requested_provider == "cuda":
-                raise
-            warnings.warn(
-                f"{e}; running {self.card.name} on the CPU in "
-                f"{self._explicit_dtype or 'float32'} (`vaelink doctor` tells why)",
-                VaelinkWarning,
-                stacklevel=3,
-            )
-            self.provider = "cpu"
-            self.dtype = self._explicit_dtype or "float32"
-            self._sessions.clear()
-            self._device_budgets.clear()
+        options = cuda_provider_options(self.device_id, self.cudnn_search, None)
+        providers = cuda_session_providers(ort, options)
+        if "CUDAExecutionProvider" in providers:
+            self.execution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             return
-        self.execution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if not providers:
+            reason = "this onnxruntime has no CUDA provider: pip install 'vaelink[gpu]'"
+        else:
+            reason = (
+                f"ONNX Runtime's CUDA provider did not load (a session got {', '.join(providers)})"
+                ": onnxruntime-gpu needs the CUDA and cuDNN libraries (pip install "
+                "'vaelink[gpu]') and a visible GPU"
+            )
+        if self.requested_provider == "cuda":
+            raise ProviderUnavailableError(reason)
+        dtype = self._explicit_dtype or "float32"
+        warnings.warn(
+            f"{reason}; running {self.card.name} on the CPU in {dtype} (`vaelink doctor` tells why)",
+            VaelinkWarning,
+            stacklevel=3,
+        )
+        self.provider, self.dtype = "cpu", dtype
+        self._device_budgets.clear()
 
     # -- sessions -------------------------------------------------------------------------------
 

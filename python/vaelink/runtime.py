@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib.metadata
 import os
-import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import RuntimeMissingError, VaelinkWarning
+from .frameworks import torch_if_imported
 
 __all__ = [
     "CudnnSearch",
@@ -26,12 +26,14 @@ __all__ = [
     "activation_budget",
     "binding_device",
     "cuda_provider_options",
+    "cuda_session_providers",
     "gpu_memory",
     "installed_runtimes",
     "load_onnxruntime",
     "loaded_cuda_libraries",
     "preload_cuda_libraries",
     "share_cuda_arena",
+    "visible_gpus",
 ]
 
 CudnnSearch = Literal["exhaustive", "heuristic", "default"]
@@ -130,6 +132,23 @@ def preload_cuda_libraries(ort: Any) -> None:
         ort.preload_dlls()
     except (OSError, RuntimeError) as e:  # a missing folder; the session check still decides
         warnings.warn(f"could not preload the CUDA libraries: {e}", VaelinkWarning, stacklevel=3)
+
+
+# A graph every ONNX Runtime can run, to ask a session which providers it really got: the bundled
+# model's float32 decoder (1 MB, always in the package).
+PROBE_MODEL = Path(__file__).parent / "models" / "vaelink-tiny" / "decoder-float32.onnx"
+
+
+def cuda_session_providers(ort: Any, options: dict[str, str]) -> list[str]:
+    """The providers a session asked for CUDA (with `options`) really has, on a small graph: ONNX
+    Runtime lists CUDA whenever onnxruntime-gpu is installed, and builds a CPU session when the
+    provider cannot load. Empty when this ONNX Runtime has no CUDA provider at all."""
+    if not lists_cuda(ort):
+        return []
+    session = ort.InferenceSession(
+        str(PROBE_MODEL), providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    )
+    return list(session.get_providers())
 
 
 def loaded_cuda_libraries(maps: Path = Path("/proc/self/maps")) -> dict[str, str]:
@@ -242,7 +261,7 @@ def _nvml_memory(device_id: int) -> GpuMemory | None:
 
 
 def _torch_memory(device_id: int) -> GpuMemory | None:
-    torch = sys.modules.get("torch")
+    torch: Any = torch_if_imported()
     # Only a torch that already holds a CUDA context: creating one would take memory of its own.
     if torch is None or not torch.cuda.is_initialized():
         return None
@@ -258,6 +277,17 @@ def gpu_memory(device_id: int) -> GpuMemory | None:
     """CUDA device `device_id`'s name, total and free memory (NVML, else an initialised torch), or
     None when neither can tell."""
     return _nvml_memory(device_id) or _torch_memory(device_id)
+
+
+def visible_gpus(limit: int = 64) -> list[GpuMemory]:
+    """Every GPU this process can use, as `gpu_memory` reads them (CUDA's numbering)."""
+    found = []
+    for device_id in range(limit):
+        gpu = gpu_memory(device_id)
+        if gpu is None:
+            break
+        found.append(gpu)
+    return found
 
 
 def activation_budget(gpu: GpuMemory | None, weights: int) -> int:

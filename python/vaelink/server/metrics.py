@@ -4,7 +4,6 @@ as in the tests)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +18,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..frameworks import torch_if_imported
+from ..runtime import visible_gpus
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -30,11 +29,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class GpuMemoryCollector(Collector):
-    """Used and total memory of each visible NVIDIA GPU, through NVML (nvidia-ml-py) when installed,
-    else through torch when it is already loaded; nothing when neither can see a GPU."""
+    """Used and total memory of each visible NVIDIA GPU (`vaelink.runtime.visible_gpus`: NVML, or
+    a torch that already holds a CUDA context); nothing when neither can see a GPU."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        readings = _gpu_memory()
+        readings = [(gpu.total - gpu.free, gpu.total) for gpu in visible_gpus()]
         if not readings:
             return
         used = GaugeMetricFamily(
@@ -46,32 +45,6 @@ class GpuMemoryCollector(Collector):
             total.add_metric([str(index)], total_bytes)
         yield used
         yield total
-
-
-def _gpu_memory() -> list[tuple[int, int]]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        readings = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            readings.append((int(info.used), int(info.total)))
-        return readings
-    except Exception:  # not installed, no driver, no GPU
-        pass
-    torch: Any = torch_if_imported()  # never import torch just for a metric
-    try:
-        if torch is not None and torch.cuda.is_available():
-            return [
-                (total - free, total)
-                for free, total in (
-                    torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())
-                )
-            ]
-    except Exception:
-        pass
-    return []
 
 
 class Metrics:
