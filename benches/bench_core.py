@@ -3,6 +3,8 @@
     python benches/bench_core.py            # writes benches/results/core-<machine>.json
 
 - JPEG decode vs Pillow and simplejpeg (libjpeg-turbo), photos at 512/1024/2048;
+- JPEG encode at quality 90, 4:2:0, vs Pillow and simplejpeg (libjpeg-turbo, one thread each;
+  vaelink encodes strips on every core), interleaved rounds; file size and PSNR side by side;
 - PNG encode: vaelink's fast setting vs Pillow's default level (what diffusers' `remote_encode` uses);
 - pre/post-processing vs the numpy reference expressions;
 - wire body and bfloat16 conversion throughput vs a plain memory copy.
@@ -16,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from common import median_seconds, photo, pillow_jpeg, write_results
+from common import interleaved_ms, median_seconds, photo, pillow_jpeg, write_results
 
 import vaelink
 
@@ -35,6 +37,37 @@ def jpeg_decode(pixels: np.ndarray) -> dict[str, float]:
         "simplejpeg_ms": 1e3 * median_seconds(lambda: simplejpeg.decode_jpeg(data)),
         "bytes": len(data),
     }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float(10 * np.log10(255**2 / mse))
+
+
+def jpeg_encode(pixels: np.ndarray) -> dict[str, float]:
+    import simplejpeg
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+
+    def pillow() -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)  # 4:2:0, Pillow's default
+        return buf.getvalue()
+
+    calls = {
+        "vaelink": lambda: vaelink.encode_image(pixels, "jpeg", quality=90),
+        "pillow": pillow,
+        "simplejpeg": lambda: simplejpeg.encode_jpeg(pixels, 90, colorsubsampling="420"),
+    }
+    row: dict[str, float] = {f"{k}_ms": v for k, v in interleaved_ms(calls).items()}
+    for name, call in calls.items():
+        data = call()
+        row[f"{name}_bytes"] = len(data)
+        row[f"{name}_psnr_db"] = psnr(
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), pixels
+        )
+    return row
 
 
 def png_encode(pixels: np.ndarray) -> dict[str, float]:
@@ -98,17 +131,29 @@ def throughput(size: int) -> dict[str, float]:
 
 
 def main() -> None:
-    results: dict[str, dict] = {"jpeg_decode": {}, "png_encode": {}, "processing": {}, "wire": {}}
+    results: dict[str, dict] = {
+        "jpeg_decode": {},
+        "jpeg_encode": {},
+        "png_encode": {},
+        "processing": {},
+        "wire": {},
+    }
     for size in SIZES:
         pixels = photo(size)
         results["jpeg_decode"][size] = jpeg_decode(pixels)
+        results["jpeg_encode"][size] = jpeg_encode(pixels)
         results["png_encode"][size] = png_encode(pixels)
         results["processing"][size] = processing(pixels)
         results["wire"][size] = throughput(size)
     summary = {}
     for size in SIZES:
         j, p, q = (results[k][size] for k in ("jpeg_decode", "png_encode", "processing"))
+        e = results["jpeg_encode"][size]
         summary[size] = {
+            "jpeg_encode_vs_pillow": e["pillow_ms"] / e["vaelink_ms"],
+            "jpeg_encode_vs_simplejpeg": e["simplejpeg_ms"] / e["vaelink_ms"],
+            "jpeg_size_ratio_vs_pillow": e["vaelink_bytes"] / e["pillow_bytes"],
+            "jpeg_psnr_minus_pillow_db": e["vaelink_psnr_db"] - e["pillow_psnr_db"],
             "jpeg_decode_vs_pillow": j["pillow_ms"] / j["vaelink_ms"],
             "jpeg_decode_vs_simplejpeg": j["simplejpeg_ms"] / j["vaelink_ms"],
             "png_encode_speedup_vs_pillow": p["pillow_default_ms"] / p["vaelink_fast_ms"],

@@ -35,6 +35,21 @@ def median_seconds(fn: Callable[[], Any], *, min_runs: int = 5, min_time: float 
     return statistics.median(times)
 
 
+def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int = 15) -> dict[str, float]:
+    """Median milliseconds of each call, run in rounds (A, B, C, then B, C, A, ...) after one
+    warm-up each, so that drift from other load on a shared machine hits every call alike."""
+    for fn in calls.values():
+        fn()
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:

@@ -37,7 +37,11 @@ def decode_image(
 ) -> npt.NDArray[np.uint8]: ...
 def probe_image(data: bytes) -> tuple[str, int, int]: ...
 def encode_image(
-    pixels: npt.NDArray[np.uint8], format: str, quality: int, png_level: int | None
+    pixels: npt.NDArray[np.uint8],
+    format: str,
+    quality: int,
+    png_level: int | None,
+    subsampling: str = "4:2:0",
 ) -> bytes: ...
 def fit_to_multiple(
     pixels: npt.NDArray[np.uint8], multiple: int, mode: str

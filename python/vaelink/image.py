@@ -29,6 +29,7 @@ DEFAULT_MAX_PIXELS: int = _native.DEFAULT_MAX_PIXELS
 """64 megapixels (8192 x 8192): larger images are refused from their header, before decoding."""
 
 ImageFormat = Literal["jpeg", "png", "webp"]
+Subsampling = Literal["4:2:0", "4:2:2", "4:4:4"]
 BytesLike = bytes | bytearray | memoryview
 
 
@@ -136,11 +137,13 @@ def encode_image(
     *,
     quality: int = 90,
     png_level: int | None = None,
+    subsampling: Subsampling = "4:2:0",
 ) -> bytes:
     """Encodes a `(H, W, 3)` uint8 RGB array.
 
-    - `jpeg`: baseline, `quality` 1-100; chroma is subsampled 4:2:0 below quality 90, kept whole
-      (4:4:4) from 90 up.
+    - `jpeg`: baseline, `quality` 1-100, chroma `subsampling` 4:2:0 by default (as libjpeg and
+      Pillow), block-averaged; large images are encoded in strips on several threads and joined
+      with restart markers (the same pixels as a one-piece encode, a file any decoder reads).
     - `png`: `png_level=None` (default) is the fast setting (fdeflate: many times faster than zlib
       at a similar size); 1-9 are zlib levels (Pillow's default is 6); 0 stores uncompressed.
     - `webp`: lossless.
@@ -150,19 +153,20 @@ def encode_image(
         format: `png` (default), `jpeg` or `webp`.
         quality: JPEG quality, 1-100 (checked whatever the format).
         png_level: None, or a zlib level 0-9.
+        subsampling: JPEG chroma subsampling: `4:2:0` (default), `4:2:2` or `4:4:4`.
 
     Returns:
         The encoded image.
 
     Raises:
         EncodeError: Pixels that are not a non-empty `(H, W, 3)` uint8 array, an unknown
-            `format`, or a `quality` or `png_level` out of range.
+            `format`, a `quality` or `png_level` out of range, or an unknown `subsampling`.
     """
     if not 1 <= quality <= 100:
         raise EncodeError(f"JPEG quality must be 1 to 100, got {quality}")
     if png_level is not None and not 0 <= png_level <= 9:
         raise EncodeError(f"PNG level must be 0 to 9 or None, got {png_level}")
-    return _native.encode_image(_rgb_array(pixels), format, quality, png_level)
+    return _native.encode_image(_rgb_array(pixels), format, quality, png_level, subsampling)
 
 
 def fit_to_multiple(

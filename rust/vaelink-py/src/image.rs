@@ -3,7 +3,9 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use vaelink_core::image_codec::{self, DecodeOptions, EncodeOptions, ImageFormat, PngCompression};
+use vaelink_core::image_codec::{
+    self, ChromaSubsampling, DecodeOptions, EncodeOptions, ImageFormat, PngCompression,
+};
 use vaelink_core::process::{self, FitMode};
 
 use crate::arrays::{contiguous, shape_of, to_numpy};
@@ -41,18 +43,20 @@ fn probe_image(py: Python<'_>, data: &[u8]) -> PyResult<(&'static str, usize, us
 }
 
 #[pyfunction]
-#[pyo3(signature = (pixels, format, quality, png_level))]
+#[pyo3(signature = (pixels, format, quality, png_level, subsampling = "4:2:0"))]
 fn encode_image<'py>(
     py: Python<'py>,
     pixels: PyReadonlyArrayDyn<'py, u8>,
     format: &str,
     quality: u8,
     png_level: Option<u8>,
+    subsampling: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let [height, width, _] = shape_of::<3>(pixels.shape(), "an RGB image")?;
     let options = EncodeOptions {
         format: ImageFormat::parse(format).py()?,
         quality,
+        subsampling: ChromaSubsampling::parse(subsampling).py()?,
         png_compression: match png_level {
             None => PngCompression::Fast,
             Some(0) => PngCompression::None,

@@ -1,6 +1,7 @@
-//! Encoding RGB8 pixels: JPEG (jpeg-encoder), PNG (png, with fdeflate for the fast setting), lossless
+//! Encoding RGB8 pixels: JPEG (jpeg-encoder, in parallel strips: `jpeg.rs`), PNG (png, with fdeflate for the fast setting), lossless
 //! WebP (image-webp).
 
+use super::jpeg::{encode_jpeg, ChromaSubsampling};
 use super::{check_rgb_len, ImageFormat, RgbImage};
 use crate::error::{Error, Result};
 
@@ -18,6 +19,8 @@ pub struct EncodeOptions {
     pub format: ImageFormat,
     /// JPEG quality, 1 to 100.
     pub quality: u8,
+    /// JPEG chroma subsampling.
+    pub subsampling: ChromaSubsampling,
     pub png_compression: PngCompression,
 }
 
@@ -26,6 +29,7 @@ impl EncodeOptions {
         Self {
             format: ImageFormat::Jpeg,
             quality,
+            subsampling: ChromaSubsampling::default(),
             png_compression: PngCompression::Fast,
         }
     }
@@ -35,6 +39,7 @@ impl EncodeOptions {
         Self {
             format,
             quality: 100,
+            subsampling: ChromaSubsampling::S444,
             png_compression: PngCompression::Fast,
         }
     }
@@ -77,10 +82,14 @@ pub fn encode_rgb(
                     options.quality
                 )));
             }
-            let encoder = jpeg_encoder::Encoder::new(&mut out, options.quality);
-            encoder
-                .encode(pixels, w16, h16, jpeg_encoder::ColorType::Rgb)
-                .map_err(encode_err)?;
+            encode_jpeg(
+                pixels,
+                w16,
+                h16,
+                options.quality,
+                options.subsampling,
+                &mut out,
+            )?;
         }
         ImageFormat::Png => encode_png(pixels, width, height, options.png_compression, &mut out)?,
         ImageFormat::WebP => {

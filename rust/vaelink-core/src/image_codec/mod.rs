@@ -2,9 +2,11 @@
 
 mod decode;
 mod encode;
+mod jpeg;
 
 pub use decode::{decode, probe, DecodeOptions, ImageInfo, DEFAULT_MAX_PIXELS};
 pub use encode::{encode, encode_rgb, EncodeOptions, PngCompression};
+pub use jpeg::ChromaSubsampling;
 
 use crate::error::{Error, Result};
 
