@@ -5,6 +5,8 @@
 - JPEG decode vs Pillow and simplejpeg (libjpeg-turbo), photos at 512/1024/2048;
 - JPEG encode at quality 90, 4:2:0, vs Pillow and simplejpeg (libjpeg-turbo, one thread each;
   vaelink encodes strips on every core), interleaved rounds; file size and PSNR side by side;
+- WebP: lossless encode (size and time) vs libwebp's defaults through Pillow, and decode of a
+  lossy WebP vs Pillow and OpenCV (libwebp in all three), interleaved rounds;
 - PNG encode: vaelink's fast setting vs Pillow's default level (what diffusers' `remote_encode` uses);
 - pre/post-processing vs the numpy reference expressions;
 - wire body and bfloat16 conversion throughput vs a plain memory copy.
@@ -67,6 +69,46 @@ def jpeg_encode(pixels: np.ndarray) -> dict[str, float]:
         row[f"{name}_psnr_db"] = psnr(
             np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), pixels
         )
+    return row
+
+
+def webp(pixels: np.ndarray) -> dict[str, float]:
+    import cv2
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+
+    def pillow_lossless() -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="WEBP", lossless=True, quality=75, method=4)  # libwebp's defaults
+        return buf.getvalue()
+
+    buf = io.BytesIO()
+    img.save(buf, format="WEBP", quality=90)
+    lossy = buf.getvalue()
+    array = np.frombuffer(lossy, np.uint8)
+    row = {
+        f"encode_{k}": v
+        for k, v in interleaved_ms(
+            {
+                "vaelink_ms": lambda: vaelink.encode_image(pixels, "webp"),
+                "pillow_ms": pillow_lossless,
+            },
+            rounds=5,
+        ).items()
+    }
+    row["encode_vaelink_bytes"] = len(vaelink.encode_image(pixels, "webp"))
+    row["encode_pillow_bytes"] = len(pillow_lossless())
+    decoded = interleaved_ms(
+        {
+            "vaelink_ms": lambda: vaelink.decode_image(lossy),
+            "pillow_ms": lambda: np.asarray(Image.open(io.BytesIO(lossy)).convert("RGB")),
+            "opencv_ms": lambda: cv2.cvtColor(
+                cv2.imdecode(array, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+            ),
+        }
+    )
+    row.update({f"decode_{k}": v for k, v in decoded.items()})
     return row
 
 
@@ -134,6 +176,7 @@ def main() -> None:
     results: dict[str, dict] = {
         "jpeg_decode": {},
         "jpeg_encode": {},
+        "webp": {},
         "png_encode": {},
         "processing": {},
         "wire": {},
@@ -142,18 +185,24 @@ def main() -> None:
         pixels = photo(size)
         results["jpeg_decode"][size] = jpeg_decode(pixels)
         results["jpeg_encode"][size] = jpeg_encode(pixels)
+        results["webp"][size] = webp(pixels)
         results["png_encode"][size] = png_encode(pixels)
         results["processing"][size] = processing(pixels)
         results["wire"][size] = throughput(size)
     summary = {}
     for size in SIZES:
         j, p, q = (results[k][size] for k in ("jpeg_decode", "png_encode", "processing"))
-        e = results["jpeg_encode"][size]
+        e, w = results["jpeg_encode"][size], results["webp"][size]
         summary[size] = {
             "jpeg_encode_vs_pillow": e["pillow_ms"] / e["vaelink_ms"],
             "jpeg_encode_vs_simplejpeg": e["simplejpeg_ms"] / e["vaelink_ms"],
             "jpeg_size_ratio_vs_pillow": e["vaelink_bytes"] / e["pillow_bytes"],
             "jpeg_psnr_minus_pillow_db": e["vaelink_psnr_db"] - e["pillow_psnr_db"],
+            "webp_decode_vs_opencv": w["decode_opencv_ms"] / w["decode_vaelink_ms"],
+            "webp_decode_vs_pillow": w["decode_pillow_ms"] / w["decode_vaelink_ms"],
+            "webp_lossless_size_ratio_vs_libwebp": w["encode_vaelink_bytes"]
+            / w["encode_pillow_bytes"],
+            "webp_lossless_encode_vs_libwebp": w["encode_pillow_ms"] / w["encode_vaelink_ms"],
             "jpeg_decode_vs_pillow": j["pillow_ms"] / j["vaelink_ms"],
             "jpeg_decode_vs_simplejpeg": j["simplejpeg_ms"] / j["vaelink_ms"],
             "png_encode_speedup_vs_pillow": p["pillow_default_ms"] / p["vaelink_fast_ms"],

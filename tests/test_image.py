@@ -63,9 +63,11 @@ def test_webp_lossless_photo_matches_pillow(photo, mode, rng, ref):
 
 
 @pytest.mark.parametrize("quality", [50, 90])
-def test_webp_lossy_matches_pillow(photos, quality, ref):
-    # Not promised by the docs, but measured: image-webp and libwebp agree exactly on these photos.
-    data = ref.pil_encode(photos["chelsea"], "WEBP", quality=quality)
+@pytest.mark.parametrize("alpha", [False, True])
+def test_webp_lossy_matches_pillow(photos, quality, alpha, ref, rng):
+    # Both decode with libwebp: the same pixels, alpha dropped as Pillow's convert("RGB").
+    photo = _as_mode(photos["chelsea"], "RGBA", rng) if alpha else photos["chelsea"]
+    data = ref.pil_encode(photo, "WEBP", quality=quality)
     np.testing.assert_array_equal(vaelink.decode_image(data), ref.pil_rgb(data))
 
 
@@ -357,6 +359,14 @@ def test_png_levels_trade_size(photos):
     assert len(vaelink.encode_image(rgb, "png")) < sizes[0]  # the fast default compresses
 
 
+def test_webp_lossless_is_libwebp_at_its_default_effort(photos, ref):
+    # libwebp's defaults (quality 75, method 4; Pillow's own default quality is 80).
+    rgb = photos["coffee"]
+    ours = vaelink.encode_image(rgb, "webp")
+    theirs = ref.pil_encode(rgb, "WEBP", lossless=True, quality=75, method=4)
+    assert abs(len(ours) / len(theirs) - 1) < 0.01, (len(ours), len(theirs))
+
+
 def test_webp_encode_is_lossless(photo):
     data = vaelink.encode_image(photo, "webp")
     assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
@@ -486,8 +496,7 @@ def test_encode_rejects_sizes_the_format_cannot_hold():
 
 
 def test_webp_largest_side_round_trips(rng):
-    # 16383 is the most vaelink writes, as libwebp (WEBP_MAX_DIMENSION): image-webp's decoder reads
-    # a lossless side of exactly 16384 as 0, so such a file could not be read back here.
+    # 16383 is the most libwebp writes and reads (WEBP_MAX_DIMENSION).
     for shape in [(2, 16383, 3), (16383, 2, 3)]:
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)
         data = vaelink.encode_image(pixels, "webp")

@@ -1,4 +1,5 @@
-//! Decoding with the `image` crate's pure-Rust decoders (zune-jpeg, png, image-webp), converted to RGB8.
+//! Decoding with the `image` crate's pure-Rust decoders (zune-jpeg, png; image-webp for animated
+//! WebP) and libwebp for still WebP (`webp.rs`), converted to RGB8.
 
 use std::io::Cursor;
 use std::panic::UnwindSafe;
@@ -109,7 +110,20 @@ pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<RgbImage> {
 
 /// Decodes to the decoder's own layout: `(width, height, color type, samples)`.
 fn read_raw(bytes: &[u8], options: &DecodeOptions) -> Result<(u32, u32, ColorType, Vec<u8>)> {
-    let (_, mut reader) = reader(bytes)?;
+    let (format, mut reader) = reader(bytes)?;
+    if format == ImageFormat::WebP {
+        // libwebp for still images; an animation (its first frame) or a header libwebp cannot
+        // read goes to image-webp, which says what is wrong.
+        if let Some(f) = super::webp::features(bytes).filter(|f| !f.animated) {
+            check_pixels(f.width as u64, f.height as u64, options.max_pixels)?;
+            let (channels, color) = match f.has_alpha {
+                true => (4, ColorType::Rgba8),
+                false => (3, ColorType::Rgb8),
+            };
+            let raw = super::webp::decode(bytes, &f, channels)?;
+            return Ok((f.width, f.height, color, raw));
+        }
+    }
     let mut limits = Limits::default();
     // Room for the largest allowed image at 16-bit RGBA, so the decoders' own allocations are bounded.
     limits.max_alloc = Some(options.max_pixels.saturating_mul(8).max(1 << 20));

@@ -1,5 +1,5 @@
 //! Encoding RGB8 pixels: JPEG (jpeg-encoder, in parallel strips: `jpeg.rs`), PNG (png, with fdeflate for the fast setting), lossless
-//! WebP (image-webp).
+//! WebP (libwebp: `webp.rs`).
 
 use super::jpeg::{encode_jpeg, ChromaSubsampling};
 use super::{check_rgb_len, ImageFormat, RgbImage};
@@ -93,21 +93,13 @@ pub fn encode_rgb(
         }
         ImageFormat::Png => encode_png(pixels, width, height, options.png_compression, &mut out)?,
         ImageFormat::WebP => {
-            // libwebp's limit (WEBP_MAX_DIMENSION). The lossless header could say 16384, but
-            // image-webp's decoder (0.2.4) reads such a side as 0, so it could not be read back.
+            // libwebp's limit (WEBP_MAX_DIMENSION).
             if width > 16383 || height > 16383 {
                 return Err(Error::Encode(format!(
                     "{width}x{height} is too large for WebP (16383 at most per side)"
                 )));
             }
-            image_webp::WebPEncoder::new(&mut out)
-                .encode(
-                    pixels,
-                    width as u32,
-                    height as u32,
-                    image_webp::ColorType::Rgb8,
-                )
-                .map_err(encode_err)?;
+            out = super::webp::encode_lossless(pixels, width as u32, height as u32)?;
         }
     }
     Ok(out)

@@ -3,6 +3,7 @@
 mod decode;
 mod encode;
 mod jpeg;
+mod webp;
 
 pub use decode::{decode, probe, DecodeOptions, ImageInfo, DEFAULT_MAX_PIXELS};
 pub use encode::{encode, encode_rgb, EncodeOptions, PngCompression};
