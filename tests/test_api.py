@@ -735,3 +735,39 @@ def test_encoded_outputs_decode_to_the_pixels(local):
     assert np.array_equal(np.asarray(image), pixels)
     (jpeg,) = local.decode(z, output="jpeg", quality=95)
     assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
+
+
+def test_a_server_under_a_route_prefix_gets_the_fast_path(flux, sdxl):
+    """A vaelink app mounted under /vae (as by a proxy or Ray Serve's route prefix), beside another
+    app answering its own /info at the root: the client finds the app's /info under the prefix,
+    routes /vae/<model>/ itself and takes the fast path."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    engines = {"sdxl": sdxl.engine(), "flux1": flux.engine()}
+    inner = create_app(engines, batching=Batching(enabled=False))
+
+    async def other_info(request: object) -> JSONResponse:
+        return JSONResponse({"server": "something else"})
+
+    outer = Starlette(
+        routes=[Route("/info", other_info), Mount("/vae", app=inner)],
+        lifespan=lambda app: inner.router.lifespan_context(inner),
+    )
+    outer.state.vaelink = inner.state.vaelink  # the runner's guards (header deadline, limits)
+    with LiveServer(outer) as live:
+        prefixed = live.url + "/vae/"
+        far = vaelink.VAE(flux.folder, prefixed)
+        info = far.endpoint(prefixed).info()
+        assert info is not None and info.root == live.url + "/vae"
+        assert info.uint8_images and sorted(info.models) == ["flux1", "sdxl"]
+        near = vaelink.VAE(flux.folder)
+        z = latents(7, (1, 16, 4, 6))
+        assert equal(far.decode(z), near.decode(z))
+        image = near.decode(z)[0]
+        assert equal(far.encode(image), near.encode(image))
+        # A URL naming the model under the prefix reaches it as it is.
+        named = vaelink.VAE(sdxl.folder, live.url + "/vae/sdxl/")
+        assert named.endpoint(live.url + "/vae/sdxl/").info().root == live.url + "/vae"
+        assert equal(named.decode(latents(8)), vaelink.VAE(sdxl.folder).decode(latents(8)))

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -174,6 +174,15 @@ def _base_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
 
 
+def _app_roots(url: str) -> list[str]:
+    """Where a vaelink app serving `url` may be mounted, deepest first: `http://h/vae/sdxl/` may be
+    the app under `/vae/sdxl`, under `/vae` (a route prefix, as Ray Serve or a proxy gives) or at
+    the origin."""
+    base = _base_url(url)
+    segments = [s for s in urlsplit(url).path.split("/") if s]
+    return [base + "".join(f"/{s}" for s in segments[:n]) for n in range(len(segments), -1, -1)]
+
+
 # -- one endpoint -----------------------------------------------------------------------------------
 
 
@@ -188,6 +197,8 @@ class ServerInfo:
     """Encode takes raw uint8 HWC/NHWC pixels (`dtype=uint8`): no PNG on either side."""
     float_images: bool
     """Encode takes float NCHW tensors with `input_range=-1,1`."""
+    root: str = ""
+    """The URL the app is mounted at (its `/info` is `root + "/info"`), without a trailing slash."""
 
     @classmethod
     def parse(cls, data: Any) -> ServerInfo | None:
@@ -212,9 +223,15 @@ class ServerInfo:
         by_body = max(1, (self.max_body_bytes - 4096) // max(1, item_bytes))
         return max(1, min(self.max_batch, by_body))
 
+    def relative(self, url: str) -> str:
+        """`url`'s path below the app's root, without slashes around it."""
+        if self.root and url.startswith(self.root):
+            return urlsplit(url[len(self.root) :]).path.strip("/")
+        return urlsplit(url).path.strip("/")
+
     def model(self, url: str) -> dict[str, Any] | None:
         """The model a request to `url` reaches, when that is certain."""
-        name = urlsplit(url).path.strip("/").split("/")[0]
+        name = self.relative(url).split("/")[0]
         if name in self.models:
             return self.models[name]
         return next(iter(self.models.values())) if len(self.models) == 1 else None
@@ -283,6 +300,7 @@ class RemoteEndpoint:
 
     def info(self, deadline: float | None = None) -> ServerInfo | None:
         """The server's `/info` if it is a vaelink server, else None; cached for `INFO_TTL`.
+        Asked at each root the URL may be mounted under, deepest first (`_app_roots`).
 
         No connection, a timeout or 429/503 after the retries raise (the endpoint is down or busy);
         any other failure or answer means a plain protocol endpoint."""
@@ -290,21 +308,23 @@ class RemoteEndpoint:
         with self._lock:
             if self._info is not None and now - self._info[0] < INFO_TTL:
                 return self._info[1]
-        try:
-            headers, body = self.request(
-                "GET",
-                _base_url(self.url) + "/info",
-                deadline=deadline,
-                max_response_bytes=INFO_MAX_BYTES,
-            )
-            is_json = "json" in headers.get("content-type", "")
-            info = ServerInfo.parse(json.loads(body)) if is_json else None
-        except (RemoteConnectionError, RemoteTimeoutError, RemoteUnavailableError):
-            raise  # down, or busy even after the retries: the caller moves on
-        except RemoteAuthError:
-            return None  # not cached: a token may come (the requests themselves will say 401)
-        except (RemoteError, json.JSONDecodeError, UnicodeDecodeError):
-            info = None
+        info = None
+        for root in _app_roots(self.url):
+            try:
+                headers, body = self.request(
+                    "GET", root + "/info", deadline=deadline, max_response_bytes=INFO_MAX_BYTES
+                )
+                is_json = "json" in headers.get("content-type", "")
+                info = ServerInfo.parse(json.loads(body)) if is_json else None
+            except (RemoteConnectionError, RemoteTimeoutError, RemoteUnavailableError):
+                raise  # down, or busy even after the retries: the caller moves on
+            except RemoteAuthError:
+                return None  # not cached: a token may come (the requests themselves will say 401)
+            except (RemoteError, json.JSONDecodeError, UnicodeDecodeError):
+                info = None
+            if info is not None:
+                info = replace(info, root=root)
+                break
         with self._lock:
             self._info = (now, info)
         return info
@@ -396,7 +416,7 @@ class RemoteBackend:
         url = self.endpoint.url
         if info is None or not info.models:
             return info, url
-        path = urlsplit(url).path.strip("/")
+        path = info.relative(url)
         if path and path not in ("predict", "encode", "decode"):
             return info, url  # the URL names the model (or a route) itself
         name, channels = self.card.name, self.card.latent_channels
@@ -414,7 +434,7 @@ class RemoteBackend:
             raise RemoteError(
                 f"it serves {sorted(info.models)}, not {name!r}; add the model to the URL", url=url
             )
-        return info, f"{_base_url(url)}/{name}/{path + '/' if path else ''}"
+        return info, f"{info.root}/{name}/{path + '/' if path else ''}"
 
     def _post(
         self,
