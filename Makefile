@@ -56,6 +56,7 @@ bench: pip
 # abi3, manylinux 2014 (glibc 2.17) linked through zig, its tags and symbols shown by auditwheel.
 wheel: pip
 	$(PIP) --group release
-	ZIG_COMMAND="$(CURDIR)/$(PYTHON) -m ziglang" $(VENV)/bin/maturin build --release --zig \
+	# maturin runs zig as `python3 -m ziglang` from PATH: the venv's python3, which has ziglang.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/maturin build --release --zig \
 		--compatibility manylinux2014 --interpreter $(PYTHON) --out dist
 	$(VENV)/bin/auditwheel show dist/vaelink-*manylinux*.whl
