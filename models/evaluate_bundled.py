@@ -2,10 +2,11 @@
 
     python models/evaluate_bundled.py [--model vaelink-tiny]
 
-PSNR and SSIM (scikit-image's) at 256 x 256 on the photos held out of training (scikit-image's
-`chelsea` and `rocket`) and on a photo from another source (matplotlib's `grace_hopper.jpg`), plus the
+PSNR and SSIM (scikit-image's) at 256 x 256 on photos from three sources (scikit-image's `chelsea`
+and `rocket`, scikit-learn's `flower.jpg` and `china.jpg`, matplotlib's `grace_hopper.jpg`), each
+marked held out or trained on as the export's manifest lists its training photos, plus the
 difference between tiled and untiled decodes of a 1024 x 1024 photo. Writes
-benches/results/bundled-quality-<machine>.json.
+benches/results/bundled-quality-<machine>.json (not with --no-write).
 """
 
 from __future__ import annotations
@@ -15,44 +16,51 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 from common import write_results
-from skimage_photos import square
+from skimage_photos import load_photo, square
 
 from vaelink.demo import psnr
 from vaelink.engine import Engine
+from vaelink.exports import read_manifest, resolve_model
+
+PHOTOS = {  # name in models/skimage_photos.py -> (shown as, source)
+    "chelsea": ("chelsea", "scikit-image"),
+    "rocket": ("rocket", "scikit-image"),
+    "sklearn_flower": ("flower", "scikit-learn"),
+    "matplotlib_grace_hopper": ("grace_hopper", "matplotlib"),
+    "sklearn_china": ("china", "scikit-learn"),
+}
 
 
-def photos() -> dict[str, np.ndarray]:
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        hopper = np.asarray(Image.open(f).convert("RGB"))
+def photos(trained: list[str]) -> dict[str, np.ndarray]:
+    """The photos, keyed "name (source, held out | trained on)"."""
     return {
-        "chelsea (held out)": data.chelsea(),
-        "rocket (held out)": data.rocket(),
-        "grace_hopper (matplotlib)": hopper,
+        f"{shown} ({source}, {'trained on' if name in trained else 'held out'})": load_photo(name)
+        for name, (shown, source) in PHOTOS.items()
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="vaelink-tiny")
+    parser.add_argument("--model", default="vaelink-tiny", help="a name or an export folder")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     args = parser.parse_args()
     engine = Engine(args.model, provider="cpu")
     rows = {}
-    for name, photo in photos().items():
+    folder = resolve_model(args.model).export_folder()
+    trained = read_manifest(folder, verify=False).source.get("train_photos", [])
+    for name, photo in photos(trained).items():
         x = square(photo, 256)
         y = engine.decode(engine.encode(x))[0]
         rows[name] = {
             "psnr_db": psnr(x, y),
             "ssim": float(structural_similarity(x, y, channel_axis=2, data_range=255)),
         }
-        print(f"{name:28s} PSNR {rows[name]['psnr_db']:.2f} dB  SSIM {rows[name]['ssim']:.4f}")
+        print(f"{name:36s} PSNR {rows[name]['psnr_db']:.2f} dB  SSIM {rows[name]['ssim']:.4f}")
     big = square(data.retina(), 1024)
     latents = engine.encode(big, tile=False)
     untiled = engine.decode(latents, tile=False)[0]
@@ -63,6 +71,8 @@ def main() -> None:
         "max_abs_diff": int(np.abs(untiled.astype(int) - tiled.astype(int)).max()),
     }
     print(f"tiled vs untiled 1024 decode: {tiling}")
+    if args.no_write:
+        return
     path = write_results(
         "bundled-quality", {"model": args.model, "photos_256": rows, "tiling_1024": tiling}
     )

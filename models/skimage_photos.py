@@ -1,5 +1,10 @@
 """The training photos shared by the training scripts in models/: the openly licensed samples that
-ship inside scikit-image, loaded as uint8 RGB, and the crop / flip / colour-jitter augmentation.
+ship inside scikit-image (and scikit-learn's and matplotlib's, for the bundled model's trials and
+evaluation), loaded as uint8 RGB, and the crop / flip / colour-jitter augmentation.
+
+Licences: scikit-image's samples are CC0 or public domain (each loader's docstring in skimage.data);
+scikit-learn's `china.jpg` and `flower.jpg` are CC BY 2.0 (sklearn/datasets/images/README.txt);
+matplotlib's `grace_hopper.jpg` (evaluation only) is a public-domain US Navy photograph.
 """
 
 from __future__ import annotations
@@ -26,9 +31,41 @@ TRAIN = COLOUR + GRAY
 COLOUR_WEIGHT = 3  # colour photos are drawn three times as often as gray ones
 HELD_OUT = ["chelsea", "rocket"]
 
+# `models/train_bundled.py --more-photos` also trains on scikit-learn's `china.jpg` and
+# scikit-image's gray `clock`; scikit-learn's `flower.jpg` is held out with `chelsea` and `rocket`
+# (and matplotlib's `grace_hopper.jpg`, models/evaluate_bundled.py). The shipped models (vaelink-tiny,
+# kl-small) were trained on the lists above.
+BUNDLED_COLOUR = [*COLOUR, "sklearn_china"]
+BUNDLED_GRAY = [*GRAY, "clock"]
+BUNDLED_TRAIN = BUNDLED_COLOUR + BUNDLED_GRAY
+BUNDLED_HELD_OUT = [*HELD_OUT, "sklearn_flower", "matplotlib_grace_hopper"]
+
+
+def sklearn_photo(file: str) -> np.ndarray:
+    """One of the sample photos that ship inside scikit-learn (`china.jpg`, `flower.jpg`)."""
+    from pathlib import Path
+
+    import sklearn.datasets
+
+    path = Path(sklearn.datasets.__file__).parent / "images" / file
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def matplotlib_photo(file: str) -> np.ndarray:
+    """One of matplotlib's sample-data photos (`grace_hopper.jpg`)."""
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data(file) as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
 
 def load_photo(name: str) -> np.ndarray:
-    """A scikit-image sample as uint8 RGB (gray replicated, alpha dropped)."""
+    """A sample photo as uint8 RGB (gray replicated, alpha dropped): scikit-image's by name,
+    `sklearn_<file>` for scikit-learn's, `matplotlib_<file>` for matplotlib's."""
+    if name.startswith("sklearn_"):
+        return sklearn_photo(name.removeprefix("sklearn_") + ".jpg")
+    if name.startswith("matplotlib_"):
+        return matplotlib_photo(name.removeprefix("matplotlib_") + ".jpg")
     if name == "motorcycle_left":
         image = data.stereo_motorcycle()[0]
     elif name == "motorcycle_right":
@@ -45,9 +82,9 @@ def load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def training_photos() -> list[np.ndarray]:
+def training_photos(colour: list[str] = COLOUR, gray: list[str] = GRAY) -> list[np.ndarray]:
     """The training photos, colour ones repeated COLOUR_WEIGHT times (for uniform drawing)."""
-    return [load_photo(name) for name in COLOUR] * COLOUR_WEIGHT + [load_photo(n) for n in GRAY]
+    return [load_photo(name) for name in colour] * COLOUR_WEIGHT + [load_photo(n) for n in gray]
 
 
 def augment(image: np.ndarray, crop: int, rng: random.Random) -> np.ndarray:

@@ -3,12 +3,19 @@ package (python/vaelink/models/vaelink-tiny/), so that vaelink works offline out
 
     python models/train_bundled.py                 # the shipped run (seeded; see models/README.md)
     python models/train_bundled.py --steps 50      # a quick smoke run into a scratch folder
+    python models/train_bundled.py --width 48 --steps 4000 --more-photos --clip 1 \
+        --output /tmp/w48/vaelink-tiny             # the 48-wide trial of models/README.md
 
 The model is an AutoencoderTiny-style (TAESD-family) autoencoder: spatial factor 8, 16 latent
 channels (like taesd3 / taef1), 32-wide conv blocks. Training data: openly licensed photos shipped
 inside scikit-image (colour photos drawn three times as often as gray ones), random crops with
 flips and colour jitter (models/skimage_photos.py); `chelsea` and `rocket` are held out.
 Loss: mean squared error plus 0.1 x L1 on pixels in [-1, 1].
+
+Only the defaults reproduce the shipped model and export into the package; any other width, step
+count or photo set exports into a scratch folder (with its torch weights beside it). `--more-photos`
+adds scikit-learn's `china.jpg` and scikit-image's gray `clock` (scikit-learn's `flower.jpg` stays
+held out, for models/evaluate_bundled.py).
 """
 
 from __future__ import annotations
@@ -22,7 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny
-from skimage_photos import HELD_OUT, TRAIN, augment, training_photos
+from skimage_photos import (
+    BUNDLED_COLOUR,
+    BUNDLED_GRAY,
+    BUNDLED_HELD_OUT,
+    BUNDLED_TRAIN,
+    HELD_OUT,
+    TRAIN,
+    augment,
+    training_photos,
+)
 
 from vaelink.cards import get_card
 from vaelink.export import export_vae
@@ -30,13 +46,15 @@ from vaelink.export import export_vae
 PACKAGE_EXPORT = (
     Path(__file__).resolve().parents[1] / "python" / "vaelink" / "models" / "vaelink-tiny"
 )
+TRAINING_RECORD = Path(__file__).resolve().parent / "vaelink-tiny-training.json"
+WIDTH, STEPS = 32, 7000  # the shipped model's
 
 
-def build_model() -> AutoencoderTiny:
+def build_model(width: int = WIDTH) -> AutoencoderTiny:
     torch.manual_seed(0)
     return AutoencoderTiny(
-        encoder_block_out_channels=(32, 32, 32, 32),
-        decoder_block_out_channels=(32, 32, 32, 32),
+        encoder_block_out_channels=(width,) * 4,
+        decoder_block_out_channels=(width,) * 4,
         num_encoder_blocks=(1, 2, 2, 2),
         num_decoder_blocks=(2, 2, 2, 1),
         latent_channels=16,
@@ -44,14 +62,21 @@ def build_model() -> AutoencoderTiny:
 
 
 def train(
-    steps: int, batch: int, crop: int, lr: float, log_every: int
+    steps: int,
+    batch: int,
+    crop: int,
+    lr: float,
+    log_every: int,
+    width: int = WIDTH,
+    more_photos: bool = False,
+    clip: float | None = None,
 ) -> tuple[AutoencoderTiny, dict]:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    photos = training_photos()
-    model = build_model().train()
+    photos = training_photos(BUNDLED_COLOUR, BUNDLED_GRAY) if more_photos else training_photos()
+    model = build_model(width).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=steps, pct_start=0.05
@@ -68,6 +93,8 @@ def train(
         loss = mse + 0.1 * torch.mean(torch.abs(y - x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         schedule.step()
         if step % log_every == 0 or step == steps:
@@ -100,7 +127,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--width", type=int, default=WIDTH, help="channels of every conv block")
+    parser.add_argument("--more-photos", action="store_true", help="add china.jpg and clock")
+    parser.add_argument("--clip", type=float, default=None, help="gradient norm clipping")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -113,18 +143,37 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, record = train(args.steps, args.batch, args.crop, args.lr, log_every=50)
-    output = args.output or (PACKAGE_EXPORT if args.steps >= 7000 else Path("vaelink-tiny-scratch"))
+    model, record = train(
+        args.steps,
+        args.batch,
+        args.crop,
+        args.lr,
+        log_every=50,
+        width=args.width,
+        more_photos=args.more_photos,
+        clip=args.clip,
+    )
+    shipped = args.steps >= STEPS and args.width == WIDTH and not args.more_photos
+    shipped = shipped and args.clip is None
+    output = args.output or (PACKAGE_EXPORT if shipped else Path("vaelink-tiny-scratch"))
+    if args.width != WIDTH or args.more_photos or args.clip is not None:
+        record.update(width=args.width, more_photos=args.more_photos, clip=args.clip)
     source = {
         "location": "models/train_bundled.py",
         "training": {k: v for k, v in record.items() if k != "history"},
-        "train_photos": TRAIN,
-        "held_out_photos": HELD_OUT,
+        "train_photos": BUNDLED_TRAIN if args.more_photos else TRAIN,
+        "held_out_photos": BUNDLED_HELD_OUT if args.more_photos else HELD_OUT,
     }
     export_vae(
         model, get_card("vaelink-tiny"), output, variants=("float32", "float16"), source=source
     )
-    (output.parent / f"{output.name}-training.json").write_text(json.dumps(record, indent=2) + "\n")
+    # the loss curve: models/vaelink-tiny-training.json for the package, else beside the export
+    if output == PACKAGE_EXPORT:
+        recorded = TRAINING_RECORD
+    else:
+        recorded = output.parent / f"{output.name}-training.json"
+        torch.save(model.state_dict(), output.parent / f"{output.name}-weights.pt")
+    recorded.write_text(json.dumps(record, indent=2) + "\n")
     print(f"exported to {output}")
 
 
