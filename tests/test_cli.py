@@ -280,7 +280,7 @@ def test_version_and_defaults_in_help(
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, photos):
-    # A real SIGINT to a real `vaelink encode` busy with 300 images (about 20 s of work).
+    # A real SIGINT to a real `vaelink encode` busy with 300 images (20-50 s of work).
     import signal
     import time
 
@@ -291,6 +291,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, photos):
         [sys.executable, "-m", "vaelink", *command],
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell's background job (`cmd &`) starts with SIGINT ignored, and
+        # Python then never installs its KeyboardInterrupt handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(8)  # imports done, encoding under way
     process.send_signal(signal.SIGINT)

@@ -294,6 +294,9 @@ def test_names_that_cannot_be_folders(
 
     monkeypatch.setenv("VAELINK_HOME", str(tmp_path / "home"))
     _custom(tmp_path / "x", "x")  # what "../x" would reach from exports/
+    # From a folder where no relative name reaches anything (a checkout at /tmp/x would be "../x").
+    (tmp_path / "cwd" / "inner").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd" / "inner")
     with pytest.raises(VaelinkError, match="cannot name a model"):
         check_name(name)
     with pytest.raises(VaelinkError, match="cannot name a model"):
