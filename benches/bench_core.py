@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from common import interleaved_ms, median_seconds, photo, pillow_jpeg, write_results
+from common import interleaved_ms, median_seconds, photo, pillow_jpeg, psnr, write_results
 
 import vaelink
 
@@ -39,11 +39,6 @@ def jpeg_decode(pixels: np.ndarray) -> dict[str, float]:
         "simplejpeg_ms": 1e3 * median_seconds(lambda: simplejpeg.decode_jpeg(data)),
         "bytes": len(data),
     }
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float(10 * np.log10(255**2 / mse))
 
 
 def jpeg_encode(pixels: np.ndarray) -> dict[str, float]:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_seconds, write_results
+from common import median_seconds, psnr, write_results
 
 CONFIGS = {
     # The SD1.x/SDXL/SD3/FLUX.1 body (4 latent channels as in SD1.x/SDXL).
@@ -402,11 +402,6 @@ def memory_child(spec: str, folder: Path) -> None:
 
 def uint8(x: np.ndarray) -> np.ndarray:
     return ((x / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
 def tiling_modes(

@@ -35,6 +35,12 @@ def median_seconds(fn: Callable[[], Any], *, min_runs: int = 5, min_time: float 
     return statistics.median(times)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of uint8 images in dB (inf for identical ones)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
 def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int = 15) -> dict[str, float]:
     """Median milliseconds of each call, run in rounds (A, B, C, then B, C, A, ...) after one
     warm-up each, so that drift from other load on a shared machine hits every call alike."""

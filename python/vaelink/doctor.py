@@ -10,7 +10,6 @@ finds), and every export on this machine, verified against its manifest."""
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import platform
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from .cards import DEFAULT_MODEL
 from .errors import VaelinkError
-from .exports import MANIFEST, cache_dir, find_export, read_manifest
+from .exports import MANIFEST, cache_dir, find_export, read_manifest, versions
 from .runtime import (
     conflict_message,
     cuda_provider_options,
@@ -35,12 +34,7 @@ from .runtime import (
 
 __all__ = ["diagnose", "format_report"]
 
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+PACKAGES = ("torch", "diffusers", "nvidia-ml-py")  # versions from metadata: importing loads CUDA
 
 
 @contextlib.contextmanager
@@ -132,7 +126,8 @@ def diagnose() -> dict[str, Any]:
     }
     report["cuda_libraries"] = loaded_cuda_libraries()
     report["gpus"] = _gpus()
-    report["packages"] = {p: _version(p) for p in ("torch", "diffusers", "nvidia-ml-py")}
+    found = versions(*PACKAGES)
+    report["packages"] = {p: found.get(p) for p in PACKAGES}
     report["exports"] = _exports()
     report["engine"] = _engine_choice(report)
     report["problems"] = _problems(report, runtimes)

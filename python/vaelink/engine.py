@@ -38,11 +38,13 @@ from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, to_numpy, to_torch, torch
 from .runtime import (
+    CUDNN_SEARCH,
     CudnnSearch,
     activation_budget,
     binding_device,
     cuda_provider_options,
     cuda_session_providers,
+    cuda_unavailable,
     gpu_memory,
     lists_cuda,
     load_onnxruntime,
@@ -172,7 +174,7 @@ class Engine:
         ort = load_onnxruntime()
         if provider not in ("auto", "cpu", "cuda"):
             raise EngineError(f"unknown provider {provider!r}; expected auto, cpu or cuda")
-        if cudnn_search not in ("exhaustive", "heuristic", "default"):
+        if cudnn_search not in CUDNN_SEARCH:
             raise EngineError(
                 f"unknown cudnn_search {cudnn_search!r}; expected exhaustive, heuristic or default"
             )
@@ -197,9 +199,14 @@ class Engine:
         )
         self._sessions: dict[tuple[str, str, int], Any] = {}
         self._noted_blended = False
-        self.execution_providers: list[str] = ["CPUExecutionProvider"]
         if cuda:
             self._start_cuda(ort)
+
+    @property
+    def execution_providers(self) -> list[str]:
+        """ONNX Runtime's providers the engine's sessions use, in order of preference."""
+        cuda = ["CUDAExecutionProvider"] if self.provider == "cuda" else []
+        return [*cuda, "CPUExecutionProvider"]
 
     def __repr__(self) -> str:
         where = f"cuda:{self.device_id}" if self.provider == "cuda" else "cpu"
@@ -218,16 +225,8 @@ class Engine:
         options = cuda_provider_options(self.device_id, self.cudnn_search, None)
         providers = cuda_session_providers(ort, options)
         if "CUDAExecutionProvider" in providers:
-            self.execution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             return
-        if not providers:
-            reason = "this onnxruntime has no CUDA provider: pip install 'vaelink[gpu]'"
-        else:
-            reason = (
-                f"ONNX Runtime's CUDA provider did not load (a session got {', '.join(providers)})"
-                ": onnxruntime-gpu needs the CUDA and cuDNN libraries (pip install "
-                "'vaelink[gpu]') and a visible GPU"
-            )
+        reason = cuda_unavailable(providers)
         if self.requested_provider == "cuda":
             raise ProviderUnavailableError(reason)
         dtype = self._explicit_dtype or "float32"
@@ -237,7 +236,6 @@ class Engine:
             stacklevel=3,
         )
         self.provider, self.dtype = "cpu", dtype
-        self._device_budgets.clear()
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -284,7 +282,7 @@ class Engine:
             if share_cuda_arena(ort, device, limit, cuda):
                 shared = True
             else:
-                cuda["gpu_mem_limit"] = str(limit)
+                cuda = cuda_provider_options(device, self.cudnn_search, limit)
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         if shared:
             options.add_session_config_entry("session.use_env_allocators", "1")
@@ -294,11 +292,7 @@ class Engine:
             raise EngineError(f"cannot load {path}: {e}") from e
         if self.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             # ONNX Runtime logs one line and builds a CPU session when CUDA or cuDNN fail to load.
-            raise ProviderUnavailableError(
-                f"ONNX Runtime's CUDA provider did not load for {path.name} (its session has "
-                f"{', '.join(session.get_providers())}): onnxruntime-gpu needs the CUDA and cuDNN "
-                "libraries (pip install 'vaelink[gpu]') and a visible GPU"
-            )
+            raise ProviderUnavailableError(cuda_unavailable(session.get_providers(), path.name))
         return session
 
     def _run_graph(self, part: str, x: Any) -> Any:

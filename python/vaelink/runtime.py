@@ -27,6 +27,7 @@ __all__ = [
     "binding_device",
     "cuda_provider_options",
     "cuda_session_providers",
+    "cuda_unavailable",
     "gpu_memory",
     "installed_runtimes",
     "load_onnxruntime",
@@ -107,6 +108,20 @@ def load_onnxruntime() -> Any:
         ) from None
     _warn_conflicts()
     return onnxruntime
+
+
+def cuda_unavailable(providers: list[str], file: str | None = None) -> str:
+    """Why CUDA is not there, in one sentence, from what a CUDA session (for `file`) got instead
+    (`providers` empty: this ONNX Runtime has no CUDA provider at all)."""
+    if not providers:
+        return "this onnxruntime has no CUDA provider: pip install 'vaelink[gpu]'"
+    where = f" for {file}" if file else ""
+    return (
+        f"ONNX Runtime's CUDA provider did not load{where} (its session got "
+        f"{', '.join(providers)}): "
+        "onnxruntime-gpu needs the CUDA and cuDNN libraries (pip install 'vaelink[gpu]') and a "
+        "visible GPU"
+    )
 
 
 def lists_cuda(ort: Any) -> bool:
