@@ -7,16 +7,24 @@ PIP     := $(PYTHON) -m pip install --quiet
 # The local engine's runtime for `make demo`: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both.
 RUNTIME ?= cpu
 
-.PHONY: demo test lint typecheck rust-test py-test bench venv pip wheel
+.PHONY: demo test lint typecheck rust-test py-test bench venv pip wheel build-tools
 
 $(PYTHON):
 	python3 -m venv $(VENV)
 
 venv: $(PYTHON)
 
+# vaelink-core builds libjpeg-turbo from source: cmake, and nasm for its x86 SIMD. Debian's packages
+# where they are missing (as root, or through sudo).
+APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+build-tools:
+	@command -v cmake >/dev/null && command -v nasm >/dev/null || \
+		{ command -v apt-get >/dev/null && $(APT) update -qq && $(APT) install -y -qq cmake nasm; } || \
+		{ echo "vaelink builds libjpeg-turbo: install cmake and nasm (2.13 or later)" >&2; exit 1; }
+
 # pip >= 25.1 installs pyproject.toml's dependency groups (`--group`); a new venv may have an older
 # one. Already satisfied, this asks no index.
-pip: $(PYTHON)
+pip: $(PYTHON) build-tools
 	$(PIP) 'pip>=25.1'
 
 # The bundled model and sample photo ship inside the package: no download, no torch; only the
@@ -30,10 +38,10 @@ test: pip
 	$(PIP) --group dev -e .
 	$(MAKE) rust-test lint py-test
 
-rust-test:
+rust-test: build-tools
 	cargo test --workspace --exclude vaelink-py
 
-lint:
+lint: build-tools
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches models fuzz

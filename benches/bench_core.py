@@ -2,7 +2,8 @@
 
     python benches/bench_core.py            # writes benches/results/core-<machine>.json
 
-- JPEG decode vs Pillow and simplejpeg (libjpeg-turbo), photos at 512/1024/2048;
+- JPEG decode vs Pillow and simplejpeg (both libjpeg-turbo, as vaelink now is), photos at
+  512/1024/2048, interleaved rounds;
 - JPEG encode at quality 90, 4:2:0, vs Pillow and simplejpeg (libjpeg-turbo, one thread each;
   vaelink encodes strips on every core), interleaved rounds; file size and PSNR side by side;
 - WebP: lossless encode (size and time) vs libwebp's defaults through Pillow, and decode of a
@@ -32,13 +33,13 @@ def jpeg_decode(pixels: np.ndarray) -> dict[str, float]:
     from PIL import Image
 
     data = pillow_jpeg(pixels)
-    return {
-        "vaelink_ms": 1e3 * median_seconds(lambda: vaelink.decode_image(data)),
-        "pillow_ms": 1e3
-        * median_seconds(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))),
-        "simplejpeg_ms": 1e3 * median_seconds(lambda: simplejpeg.decode_jpeg(data)),
-        "bytes": len(data),
+    calls = {
+        "vaelink": lambda: vaelink.decode_image(data),
+        "pillow": lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+        "simplejpeg": lambda: simplejpeg.decode_jpeg(data),
     }
+    row: dict[str, float] = {f"{k}_ms": v for k, v in interleaved_ms(calls).items()}
+    return {**row, "bytes": len(data)}
 
 
 def jpeg_encode(pixels: np.ndarray) -> dict[str, float]:

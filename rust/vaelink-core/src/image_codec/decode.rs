@@ -1,5 +1,6 @@
-//! Decoding with the `image` crate's pure-Rust decoders (zune-jpeg, png; image-webp for animated
-//! WebP) and libwebp for still WebP (`webp.rs`), converted to RGB8.
+//! Decoding with libjpeg-turbo for 8-bit YCbCr, gray and RGB JPEGs (`turbo.rs`), libwebp for still
+//! WebP (`webp.rs`), and the `image` crate's pure-Rust decoders for the rest (PNG; CMYK and 12-bit
+//! JPEG with zune-jpeg; animated WebP with image-webp), converted to RGB8.
 
 use std::io::Cursor;
 use std::panic::UnwindSafe;
@@ -111,6 +112,13 @@ pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<RgbImage> {
 /// Decodes to the decoder's own layout: `(width, height, color type, samples)`.
 fn read_raw(bytes: &[u8], options: &DecodeOptions) -> Result<(u32, u32, ColorType, Vec<u8>)> {
     let (format, mut reader) = reader(bytes)?;
+    if format == ImageFormat::Jpeg {
+        if let Some(head) = super::turbo::header(bytes) {
+            check_pixels(head.width as u64, head.height as u64, options.max_pixels)?;
+            let raw = super::turbo::decompress(bytes, head)?;
+            return Ok((head.width as u32, head.height as u32, ColorType::Rgb8, raw));
+        }
+    }
     if format == ImageFormat::WebP {
         // libwebp for still images; an animation (its first frame) or a header libwebp cannot
         // read goes to image-webp, which says what is wrong.

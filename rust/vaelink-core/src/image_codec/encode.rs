@@ -1,4 +1,4 @@
-//! Encoding RGB8 pixels: JPEG (jpeg-encoder, in parallel strips: `jpeg.rs`), PNG (png, with fdeflate for the fast setting), lossless
+//! Encoding RGB8 pixels: JPEG (libjpeg-turbo, in parallel strips: `jpeg.rs`), PNG (png, with fdeflate for the fast setting), lossless
 //! WebP (libwebp: `webp.rs`).
 
 use super::jpeg::{encode_jpeg, ChromaSubsampling};

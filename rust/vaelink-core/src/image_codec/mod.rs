@@ -3,6 +3,7 @@
 mod decode;
 mod encode;
 mod jpeg;
+mod turbo;
 mod webp;
 
 pub use decode::{decode, probe, DecodeOptions, ImageInfo, DEFAULT_MAX_PIXELS};
