@@ -34,6 +34,12 @@ the call). The first mode is the reference of times and errors: at 2048 the unti
 attention scores alone (65536 positions squared, float32: 16 GiB, and softmax's copy) do not fit a
 24 GiB machine, so exact, equal to untiled up to 1e-5, stands in for it there.
 Results: benches/results/engine-tiling-<machine>.json.
+
+    python benches/bench_engine.py --precision sd:256,512 --reps 5   # bfloat16 on the CPU
+
+The CPU engine in bfloat16 (OpenVINO, where the CPU has native bfloat16) against itself in float32
+(ONNX Runtime) and diffusers' float32, interleaved, on a photo; bfloat16's PSNR against float32
+for encode and decode. Results: benches/results/engine-precision-cpu-<machine>.json.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_seconds, psnr, write_results
+from common import interleaved_ms, median_seconds, photo, psnr, write_results
 
 CONFIGS = {
     # The SD1.x/SDXL/SD3/FLUX.1 body (4 latent channels as in SD1.x/SDXL).
@@ -91,7 +97,8 @@ def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[st
     vae = vae.to(device=device, dtype=dtype)
     rows: dict[str, Any] = {"export_seconds": export_s}
     rows["first_call_ms"] = {str(size): first_calls(export, device, size) for size in sizes}
-    engine = Engine(export, provider="cpu" if device == "cpu" else "cuda")
+    # float32 on the CPU: `--precision` compares bfloat16 with it.
+    engine = Engine(export, provider="cuda") if device == "cuda" else cpu_engine(export, "float32")
     runs = 3 if device == "cpu" else 10
     rows["checks"] = {str(size): check_answers(engine, vae, export, size) for size in sizes}
     for size in sizes:
@@ -135,6 +142,58 @@ def measure(config: str, sizes: list[int], device: str, folder: Path) -> dict[st
             row.update(cuda_memory(vae, z, export, latents))
         row["encode_speedup"] = row["diffusers_encode_ms"] / row["vaelink_encode_ms"]
         row["decode_speedup"] = row["diffusers_decode_ms"] / row["vaelink_decode_ms"]
+        print(config, size, {k: round(v, 2) for k, v in row.items()}, flush=True)
+        rows[str(size)] = row
+    return rows
+
+
+def cpu_engine(export: Path, dtype: str) -> Any:
+    from vaelink.engine import Engine
+
+    return Engine(export, provider="cpu", dtype=dtype)  # type: ignore[arg-type]
+
+
+def precision(config: str, sizes: list[int], folder: Path, reps: int) -> dict[str, Any]:
+    """The CPU engine in bfloat16 (OpenVINO) against itself in float32 (ONNX Runtime) and
+    diffusers in float32, interleaved; quality as PSNR of bfloat16 against float32, on a photo
+    (encode) and on the float32 encoder's latents of it (decode)."""
+    import torch
+
+    from vaelink.cards import get_card
+    from vaelink.export import export_vae
+
+    card = get_card("sd15")
+    vae = build_vae(config)
+    export = export_vae(vae, card, folder / config, variants=("float32",))
+    engines = {dtype: cpu_engine(export, dtype) for dtype in ("float32", "bfloat16")}
+    rows: dict[str, Any] = {"runtimes": engines["bfloat16"].execution_providers}
+    for size in sizes:
+        image = photo(size)[None]
+        latents = engines["float32"].encode(image, tile=False)
+        x = torch.from_numpy(2 * image.astype(np.float32) / 255 - 1).permute(0, 3, 1, 2)
+        z = torch.from_numpy(latents / card.scaling_factor)
+        row: dict[str, Any] = {}
+        for part, args in (("encode", image), ("decode", latents)):
+            floats = {"output": "float"} if part == "decode" else {}
+            ours = {d: getattr(e, part)(args, tile=False, **floats) for d, e in engines.items()}
+            row[f"{part}_psnr_bf16_vs_f32_db"] = psnr(ours["bfloat16"], ours["float32"], None)
+
+            def diffusers(part: str = part, x: Any = x, z: Any = z) -> Any:
+                with torch.no_grad():
+                    return vae.encode(x).latent_dist.mean if part == "encode" else vae.decode(z)
+
+            calls = {
+                f"vaelink_{dtype}": (
+                    lambda e=e, part=part, args=args: getattr(e, part)(args, tile=False)
+                )
+                for dtype, e in engines.items()
+            }
+            calls["diffusers_float32"] = diffusers
+            times = interleaved_ms(calls, rounds=reps)
+            row.update({f"{part}_{name}_ms": ms for name, ms in times.items()})
+            row[f"{part}_bf16_speedup_vs_f32"] = (
+                times["vaelink_float32"] / times["vaelink_bfloat16"]
+            )
         print(config, size, {k: round(v, 2) for k, v in row.items()}, flush=True)
         rows[str(size)] = row
     return rows
@@ -481,6 +540,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--exact", metavar="CONFIG:SIZE:TILE", action="append")
     parser.add_argument("--tiling", metavar="CONFIG:SIZE:TILE[:MODE+MODE...]", action="append")
+    parser.add_argument(
+        "--precision", metavar="CONFIG:SIZE,SIZE", help="bfloat16 against float32 on the CPU"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
         "--plan", metavar="CONFIG:SIZE,SIZE", action="append", help="configs and sizes to run"
@@ -490,6 +552,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, Path(args.folder))
+        return
+    if args.precision:
+        config, sizes = args.precision.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = precision(config, [int(s) for s in sizes.split(",")], Path(tmp), args.reps)
+        print(f"wrote {write_results('engine-precision-cpu', {'device': 'cpu', config: rows})}")
         return
     if args.tiling:
         results: dict[str, Any] = {"device": "cpu", "tiling": []}

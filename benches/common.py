@@ -35,10 +35,13 @@ def median_seconds(fn: Callable[[], Any], *, min_runs: int = 5, min_time: float 
     return statistics.median(times)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of uint8 images in dB (inf for identical ones)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+def psnr(a: np.ndarray, b: np.ndarray, peak: float | None = 255.0) -> float:
+    """PSNR of `a` against the reference `b` in dB (inf for identical ones): uint8 images by
+    default; `peak=None` for float arrays, over the reference's own range."""
+    b = np.asarray(b, np.float64)
+    mse = float(np.mean((np.asarray(a, np.float64) - b) ** 2))
+    span = float(b.max() - b.min()) if peak is None else peak
+    return float("inf") if mse == 0 else float(10 * np.log10(span**2 / mse))
 
 
 def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int = 15) -> dict[str, float]:

@@ -4,6 +4,7 @@ hand-written PNG writer for the layouts Pillow cannot save)."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -14,6 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
+
+# The engine's CPU default is bfloat16 on CPUs with native bfloat16 when OpenVINO is installed (as
+# it is for the tests); the suite compares against float32 references, so it runs in float32,
+# subprocesses included. tests/test_openvino_session.py asks for bfloat16 itself.
+os.environ["VAELINK_CPU_DTYPE"] = "float32"
 
 # scikit-image ships these in the installed package: no network needed.
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {

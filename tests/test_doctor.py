@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from runtime_fixtures import fake_nvml, only_installed
 
-from vaelink import doctor, runtime
+from vaelink import doctor, openvino_session, runtime
 from vaelink.cards import DEFAULT_MODEL
 from vaelink.exports import find_export
 
@@ -143,3 +143,31 @@ def test_two_runtimes_are_a_problem(machine: pytest.MonkeyPatch) -> None:
     machine.setitem(sys.modules, "pynvml", None)
     report = doctor.diagnose()
     assert any("overwrite each other" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_openvino_and_the_cpus_bfloat16_decide_the_cpu_engine(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    monkeypatch.delenv("VAELINK_CPU_DTYPE")  # conftest's float32, so the machine decides
+    caps = frozenset({"FP32", "INT8", *(["BF16"] if native else [])})
+    monkeypatch.setattr(openvino_session, "cpu_capabilities", lambda: caps)
+    monkeypatch.setattr(doctor, "cpu_capabilities", lambda: caps)
+    report = doctor.diagnose()
+    assert report["openvino"]["bfloat16_native"] is native
+    assert report["engine"] == ("cpu, bfloat16 (OpenVINO)" if native else "cpu, float32")
+    text = doctor.format_report(report)
+    assert ("bfloat16 native" if native else "bfloat16 not native on this CPU") in text
+    monkeypatch.setenv("VAELINK_CPU_DTYPE", "float32")
+    assert doctor.diagnose()["engine"] == "cpu, float32"
+
+
+def test_without_openvino_doctor_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAELINK_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    report = doctor.diagnose()
+    assert "vaelink[openvino]" in report["openvino"]["error"]
+    assert "openvino: not installed" in doctor.format_report(report)

@@ -3,7 +3,8 @@
 It reports the installed ONNX Runtime distributions (and a conflict between two), the providers that
 load - a CUDA session is opened on the bundled model and asked which providers it got, since ONNX
 Runtime lists CUDA whenever onnxruntime-gpu is installed and quietly falls back to the CPU - the CUDA
-libraries the process then has, each GPU's name and free memory, the versions of torch and diffusers
+libraries the process then has, each GPU's name and free memory, OpenVINO and whether the CPU has
+native bfloat16 (the CPU engine's default then), the versions of torch and diffusers
 (read from their metadata: importing torch would load CUDA libraries and hide what vaelink alone
 finds), and every export on this machine, verified against its manifest."""
 
@@ -18,8 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .cards import DEFAULT_MODEL
+from .engine import default_cpu_dtype
 from .errors import VaelinkError
 from .exports import MANIFEST, cache_dir, find_export, read_manifest, versions
+from .openvino_session import bfloat16_native, cpu_capabilities, load_openvino
 from .runtime import (
     conflict_message,
     cuda_provider_options,
@@ -86,6 +89,19 @@ def _runtime() -> dict[str, Any]:
     }
 
 
+def _openvino() -> dict[str, Any]:
+    try:
+        openvino = load_openvino()
+    except VaelinkError as e:
+        return {"error": str(e)}
+    capabilities = sorted(cpu_capabilities())
+    return {
+        "version": openvino.get_version(),
+        "cpu_capabilities": capabilities,
+        "bfloat16_native": bfloat16_native(frozenset(capabilities)),
+    }
+
+
 def _gpus() -> list[dict[str, Any]]:
     return [
         {"index": index, "name": gpu.name, "total": gpu.total, "free": gpu.free}
@@ -123,6 +139,7 @@ def diagnose() -> dict[str, Any]:
         "platform": platform.platform(),
         "runtime_distributions": runtimes,
         "onnxruntime": _runtime(),
+        "openvino": _openvino(),
     }
     report["cuda_libraries"] = loaded_cuda_libraries()
     report["gpus"] = _gpus()
@@ -142,7 +159,11 @@ def _engine_choice(report: dict[str, Any]) -> str:
     if runtime["providers"]["CUDAExecutionProvider"]["status"] == "loads":
         gpu = report["gpus"][0]["name"] if report["gpus"] else "GPU 0"
         return f"cuda on {gpu}, float16"
-    return "cpu, float32"
+    try:
+        dtype = default_cpu_dtype()
+    except VaelinkError as e:  # a bad VAELINK_CPU_DTYPE
+        return f"none: {e}"
+    return "cpu, bfloat16 (OpenVINO)" if dtype == "bfloat16" else "cpu, float32"
 
 
 def _problems(report: dict[str, Any], runtimes: dict[str, str]) -> list[str]:
@@ -180,6 +201,12 @@ def format_report(report: dict[str, Any]) -> str:
         for name, probe in runtime["providers"].items():
             detail = f" ({probe['detail']})" if probe["detail"] else ""
             lines.append(f"  {name}: {probe['status']}{detail}")
+    openvino = report["openvino"]
+    if "error" in openvino:
+        lines.append("openvino: not installed (vaelink[openvino]: bfloat16 on CPUs that have it)")
+    else:
+        native = "native" if openvino["bfloat16_native"] else "not native on this CPU"
+        lines.append(f"openvino {openvino['version']}: bfloat16 {native}")
     libraries = report["cuda_libraries"]
     lines.append("CUDA libraries loaded: " + (", ".join(libraries) or "none"))
     lines += [f"  {name}: {path}" for name, path in libraries.items()]

@@ -1,11 +1,13 @@
 """The local engine: exported VAEs run by ONNX Runtime - the CUDA execution provider when present,
-the CPU provider otherwise - with batches sliced and images tiled to fit a memory budget.
+the CPU provider otherwise (or OpenVINO, for bfloat16 on CPUs that have it) - with batches sliced
+and images tiled to fit a memory budget.
 
 No torch at run time; torch tensors are accepted and returned when given (bound in place)."""
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,6 +39,7 @@ from .errors import (
 from .exact import ExactProgram, run_fast
 from .exports import Manifest, ModelLike, read_manifest, resolve_model
 from .frameworks import Array, array_namespace, is_torch, to_numpy, to_torch, torch
+from .openvino_session import OpenVinoSession, bfloat16_native, load_openvino
 from .runtime import (
     CUDNN_SEARCH,
     CudnnSearch,
@@ -53,11 +56,13 @@ from .runtime import (
 )
 from .tiling import TileGrid, check_cancelled, run_tiled
 
-__all__ = ["Engine", "MemoryModel", "Provider"]
+__all__ = ["DType", "Engine", "MemoryModel", "Provider", "default_cpu_dtype"]
 
 Provider = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "float16", "bfloat16"]
 Tiling = Literal["exact", "fast", "blended"]
 
+CPU_DTYPE_VARIABLE = "VAELINK_CPU_DTYPE"
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
@@ -74,6 +79,26 @@ def _register_shared_arena() -> bool:
     except Exception:  # onnxruntime raises its own exception types
         return False
     return True
+
+
+def default_cpu_dtype() -> DType:
+    """bfloat16 where the CPU computes it natively and OpenVINO is installed, else float32;
+    `VAELINK_CPU_DTYPE=float32` (or `bfloat16`) decides instead, for a whole service or test run."""
+    chosen = os.environ.get(CPU_DTYPE_VARIABLE) or "auto"
+    if chosen in ("float32", "bfloat16"):
+        return "bfloat16" if chosen == "bfloat16" else "float32"
+    if chosen != "auto":
+        raise EngineError(f"{CPU_DTYPE_VARIABLE}={chosen!r}: expected auto, float32 or bfloat16")
+    return "bfloat16" if bfloat16_native() else "float32"
+
+
+def _check_bfloat16() -> None:
+    load_openvino()  # RuntimeMissingError naming the extra
+    if not bfloat16_native():
+        raise ProviderUnavailableError(
+            "bfloat16 on the CPU needs native bfloat16 arithmetic (AVX512-BF16 or AMX), which "
+            "this CPU lacks (OpenVINO's capabilities); use float32"
+        )
 
 
 def available_memory() -> int:
@@ -124,8 +149,10 @@ class Engine:
     `model` is a card name (exported with `vaelink export NAME`, or bundled) or an export folder.
     `provider`: `auto` picks CUDA when onnxruntime-gpu is installed and its CUDA provider really
     loads (the engine opens a session at once and checks), else the CPU with one warning; `cuda`
-    raises `ProviderUnavailableError` instead. `dtype`: float16 by default on CUDA (non-finite
-    pieces are recomputed in float32), float32 on the CPU. `memory_limit` (bytes) caps the
+    raises `ProviderUnavailableError` instead. `dtype`: float16 by default on CUDA; on the CPU
+    bfloat16 through OpenVINO where the CPU computes it natively (AVX512-BF16 or AMX) and OpenVINO
+    is installed (`vaelink[openvino]`), else float32. Non-finite reduced-precision pieces are
+    recomputed in float32, and exact and fast tiling's segments run in float32. `memory_limit` (bytes) caps the
     activation memory vaelink plans for; on CUDA it also caps ONNX Runtime's arena on the device,
     one arena shared by every session of the process (the first engine on a device sets it).
     Without it a GPU plans from the card's free memory at start, less the weights and a headroom.
@@ -135,7 +162,8 @@ class Engine:
     Args:
         model: A card name (exported or bundled), an export folder, or a resolved `Model`.
         provider: `auto`, `cpu` or `cuda`.
-        dtype: `float32` or `float16` (default: float16 on CUDA, float32 on the CPU).
+        dtype: `float32`, `float16` or, on the CPU, `bfloat16` (default: float16 on CUDA; on the
+            CPU bfloat16 where native and OpenVINO is installed, else float32).
         memory_limit: Bytes of activation memory to plan for (default: on CUDA the device's free
             memory less weights and headroom, 8 GiB if it cannot be read; half the available RAM
             on the CPU).
@@ -150,9 +178,11 @@ class Engine:
         ModelNotExportedError: A known model that is not exported on this machine.
         CorruptExportError: An export whose manifest or files are missing, changed or invalid, or
             made for another model than its card.
-        RuntimeMissingError: ONNX Runtime is not installed.
-        ProviderUnavailableError: `provider="cuda"` and the CUDA provider does not load.
-        EngineError: An unknown `provider` or `cudnn_search`, or an invalid `tile_size`.
+        RuntimeMissingError: ONNX Runtime is not installed (or OpenVINO, for `bfloat16`).
+        ProviderUnavailableError: `provider="cuda"` and the CUDA provider does not load, or
+            `dtype="bfloat16"` on a CPU without native bfloat16.
+        EngineError: An unknown `provider`, `dtype` or `cudnn_search`, an invalid `tile_size`,
+            or `bfloat16` asked for on CUDA.
     """
 
     def __init__(
@@ -160,7 +190,7 @@ class Engine:
         model: ModelLike = DEFAULT_MODEL,
         *,
         provider: Provider = "auto",
-        dtype: Literal["float32", "float16"] | None = None,
+        dtype: DType | None = None,
         memory_limit: int | None = None,
         tile_size: int | None = None,
         device_id: int = 0,
@@ -179,10 +209,16 @@ class Engine:
                 f"unknown cudnn_search {cudnn_search!r}; expected exhaustive, heuristic or default"
             )
         self.requested_provider: Provider = provider
-        cuda = provider == "cuda" or (provider == "auto" and lists_cuda(ort))
+        cuda = provider == "cuda" or (
+            provider == "auto" and dtype != "bfloat16" and lists_cuda(ort)
+        )
         self.provider: Literal["cpu", "cuda"] = "cuda" if cuda else "cpu"
+        if dtype not in (None, "float32", "float16", "bfloat16"):
+            raise EngineError(f"unknown dtype {dtype!r}; expected float32, float16 or bfloat16")
+        if dtype == "bfloat16" and provider == "cuda":
+            raise EngineError("bfloat16 runs on the CPU (OpenVINO); CUDA runs float16 or float32")
         self._explicit_dtype = dtype
-        self.dtype = dtype or ("float16" if cuda else "float32")
+        self.dtype: DType = dtype or ("float16" if cuda else default_cpu_dtype())
         self.memory_limit = memory_limit
         self.device_id = device_id
         self.cudnn_search: CudnnSearch = cudnn_search
@@ -201,12 +237,17 @@ class Engine:
         self._noted_blended = False
         if cuda:
             self._start_cuda(ort)
+        if self.dtype == "bfloat16":
+            _check_bfloat16()
 
     @property
     def execution_providers(self) -> list[str]:
-        """ONNX Runtime's providers the engine's sessions use, in order of preference."""
+        """The runtimes the engine's sessions use, in order of preference: ONNX Runtime's
+        providers, behind OpenVINO's CPU plugin for bfloat16 (float32 retries and segments stay
+        with ONNX Runtime)."""
         cuda = ["CUDAExecutionProvider"] if self.provider == "cuda" else []
-        return [*cuda, "CPUExecutionProvider"]
+        openvino = ["OpenVINO CPU (bfloat16)"] if self.dtype == "bfloat16" else []
+        return [*openvino, *cuda, "CPUExecutionProvider"]
 
     def __repr__(self) -> str:
         where = f"cuda:{self.device_id}" if self.provider == "cuda" else "cpu"
@@ -229,7 +270,7 @@ class Engine:
         reason = cuda_unavailable(providers)
         if self.requested_provider == "cuda":
             raise ProviderUnavailableError(reason)
-        dtype = self._explicit_dtype or "float32"
+        dtype = self._explicit_dtype or default_cpu_dtype()
         warnings.warn(
             f"{reason}; running {self.card.name} on the CPU in {dtype} (`vaelink doctor` tells why)",
             VaelinkWarning,
@@ -243,16 +284,21 @@ class Engine:
         variants = self.manifest.variants
         if dtype == "float16" and self.provider == "cuda" and "float16-cuda" in variants:
             return "float16-cuda"
+        if dtype == "bfloat16":  # OpenVINO compiles the float32 graph in bfloat16
+            dtype = "float32"
         if dtype not in variants:
             raise EngineError(f"{self.card.name} has no {dtype} export; export it again")
         return dtype
 
     def _session(self, part: str, dtype: str, device: int | None = None) -> Any:
         variant = self._variant(dtype)
-        key = (part, variant, self._device(device))
+        key = (part, dtype if dtype == "bfloat16" else variant, self._device(device))
         if key not in self._sessions:
-            file = self.manifest.variants[variant][part]["file"]
-            self._sessions[key] = self._open(self.folder / file, key[2])
+            path = self.folder / self.manifest.variants[variant][part]["file"]
+            if dtype == "bfloat16":
+                self._sessions[key] = OpenVinoSession(path, "bfloat16")
+            else:
+                self._sessions[key] = self._open(path, key[2])
         return self._sessions[key]
 
     def _segment_session(self, file: str) -> Any:
@@ -299,7 +345,7 @@ class Engine:
         """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
         numpy arrays go through `session.run`; torch tensors stay on their device (IO binding).
         What is still non-finite then is refused: NaN images or latents are never an answer."""
-        run = self._run_bound if is_torch(x) else self._run_session
+        run = self._run_tensor if is_torch(x) else self._run_session
         result = run(part, x, self.dtype)
         finite = bool(array_namespace(result).isfinite(result).all())
         if not finite and self.dtype != "float32":
@@ -328,6 +374,12 @@ class Engine:
             return (b, 3, h * f, w * f)
         c = self.card.latent_channels * (2 if self.card.has_posterior else 1)
         return (b, c, h // f, w // f)
+
+    def _run_tensor(self, part: str, x: Any, dtype: str) -> Any:
+        """A torch tensor through ONNX Runtime's IO binding, or through host memory for OpenVINO."""
+        if dtype == "bfloat16":
+            return to_torch(self._run_session(part, to_numpy(x), dtype), x)
+        return self._run_bound(part, x, dtype)
 
     def _run_bound(self, part: str, x: Any, dtype: str) -> Any:
         """Runs on torch memory in place: input and output bound to the tensors' device buffers.
@@ -364,7 +416,8 @@ class Engine:
 
     def _run_session(self, part: str, x: np.ndarray, dtype: str) -> np.ndarray:
         session = self._session(part, dtype)
-        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.dtype(dtype))}
+        fed = np.float16 if dtype == "float16" else np.float32  # OpenVINO takes bfloat16's float32
+        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=fed)}
         try:
             (out,) = session.run(None, feed)
         except Exception as e:

@@ -18,8 +18,10 @@ as diffusers' own remote functions raise.
     │   ├── ModelMismatchError (ValueError)  a VAE that does not fit the card it is exported as
     │   ├── HubError                         the Hugging Face Hub could not give or take a repo's files
     │   └── EngineError (RuntimeError)       ONNX Runtime could not load or run a model
-    │       ├── RuntimeMissingError (ImportError)  no ONNX Runtime: vaelink[cpu] or vaelink[gpu]
-    │       └── ProviderUnavailableError     provider="cuda" asked for, and CUDA did not load
+    │       ├── RuntimeMissingError (ImportError)  no ONNX Runtime (vaelink[cpu] or vaelink[gpu]),
+    │       │                                or no OpenVINO for bfloat16 (vaelink[openvino])
+    │       └── ProviderUnavailableError     provider="cuda" asked for and CUDA did not load, or
+    │                                        dtype="bfloat16" on a CPU without it
     ├── RemoteError (RuntimeError)           an endpoint failed; `status`, `url`, `retry_after`
     │   ├── RemoteConnectionError            no connection, or it broke
     │   ├── RemoteTimeoutError               no answer in time
@@ -145,18 +147,20 @@ class EngineError(ModelError, RuntimeError):
 
 class RuntimeMissingError(EngineError, ImportError):
     """ONNX Runtime is not installed: the base install is the client, and the local engine needs
-    one runtime, `pip install 'vaelink[cpu]'` (onnxruntime) or `'vaelink[gpu]'` (onnxruntime-gpu).
-    `name` is "onnxruntime", as for the ImportError it stands for."""
+    one runtime, `pip install 'vaelink[cpu]'` (onnxruntime) or `'vaelink[gpu]'` (onnxruntime-gpu);
+    or OpenVINO, for bfloat16 on the CPU, is not (`'vaelink[openvino]'`). `name` is the missing
+    package, as for the ImportError it stands for."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, name: str = "onnxruntime") -> None:
         super().__init__(message)
-        self.name = "onnxruntime"
+        self.name = name
 
 
 class ProviderUnavailableError(EngineError):
     """The CUDA execution provider was asked for and did not load: onnxruntime-gpu is missing, or
     ONNX Runtime could not load the CUDA or cuDNN libraries, or sees no GPU (`vaelink doctor` tells
-    which). With `provider="auto"` the engine warns and runs on the CPU instead."""
+    which). With `provider="auto"` the engine warns and runs on the CPU instead. Also raised for
+    `dtype="bfloat16"` on a CPU without native bfloat16 (AVX512-BF16 or AMX)."""
 
 
 # -- remote endpoints -----------------------------------------------------------------------------
