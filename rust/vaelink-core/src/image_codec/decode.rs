@@ -70,6 +70,18 @@ fn reader(bytes: &[u8]) -> Result<(ImageFormat, ImageReader<Cursor<&[u8]>>)> {
 pub fn probe(bytes: &[u8]) -> Result<ImageInfo> {
     guarded(|| {
         let (format, reader) = reader(bytes)?;
+        // A JPEG that libjpeg-turbo decodes is sized by it too: its header parser is the one
+        // `decode` trusts, and it accepts scans zune-jpeg's stricter one refuses.
+        if let Some(head) = (format == ImageFormat::Jpeg)
+            .then(|| super::turbo::header(bytes))
+            .flatten()
+        {
+            return Ok(ImageInfo {
+                format,
+                width: head.width,
+                height: head.height,
+            });
+        }
         let (width, height) = reader.into_dimensions().map_err(decode_err)?;
         Ok(ImageInfo {
             format,
@@ -294,6 +306,20 @@ mod tests {
             vec![0xff, 0xd9],
         ]
         .concat()
+    }
+
+    #[test]
+    fn what_decodes_is_probed_alike() {
+        // A baseline scan declaring Al = 15: libjpeg-turbo ignores it in a sequential scan and
+        // zune-jpeg refuses it (found by the `decode_image` fuzz target when probe used zune).
+        let mut jpeg = encode(&sample(7, 6), &EncodeOptions::jpeg(90)).unwrap();
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let length = usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
+        jpeg[sos + 2 + length - 1] = 0x0F; // Ah = 0, Al = 15
+        let decoded = decode(&jpeg, &DecodeOptions::default()).unwrap();
+        let info = probe(&jpeg).unwrap();
+        assert_eq!((info.width, info.height), (decoded.width, decoded.height));
+        assert_eq!((info.width, info.height), (7, 6));
     }
 
     #[test]
