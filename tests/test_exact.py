@@ -154,6 +154,18 @@ def test_segments_are_verified(tmp_path_factory: pytest.TempPathFactory, tmp_pat
         Engine(folder, provider="cpu")
 
 
+@pytest.mark.parametrize("offset", [0.0, 800.0])
+def test_group_stats_are_torchs_group_norm_statistics(offset: float) -> None:
+    """The Rust core's statistics normalise exactly as torch's GroupNorm does, a large mean too."""
+    rng = np.random.default_rng(3)
+    x = (offset + 2 * rng.standard_normal((2, 64, 33, 47))).astype(np.float32)
+    mean, rstd = exact.group_stats(x, 32, 1e-6)
+    assert mean.shape == rstd.shape == (2, 64, 1, 1) and mean.dtype == np.float32
+    expected = torch.nn.functional.group_norm(torch.from_numpy(x).double(), 32, eps=1e-6)
+    ours = (x.astype(np.float64) - mean) * rstd
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=2e-5 * (1 + offset / 100))
+
+
 def test_chunked_attention_is_softmax_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     qkv = rng.standard_normal((2, 3 * 8, 5, 7), dtype=np.float32)

@@ -20,6 +20,7 @@ __all__ = [
     "encode_image",
     "f32_to_bf16",
     "fit_to_multiple",
+    "group_stats",
     "pack_latents",
     "postprocess",
     "preprocess",
@@ -69,6 +70,9 @@ def serialize_safetensors(
 def deserialize_safetensors(
     data: bytes,
 ) -> tuple[list[tuple[str, npt.NDArray[np.uint8], list[int], str]], dict[str, str]]: ...
+def group_stats(
+    x: npt.NDArray[np.float32], groups: int, eps: float
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 
 @final
 class HttpClient:

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use vaelink_core::dtype::{self, Float};
 use vaelink_core::process::{self, Dims};
-use vaelink_core::{compress, latents_file, packing, DType, TensorSpec};
+use vaelink_core::{compress, group_norm, latents_file, packing, DType, TensorSpec};
 
 use crate::arrays::{contiguous, shape_of, to_numpy};
 use crate::errors::{tensor_error, IntoPyResult};
@@ -26,6 +26,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decompress_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(serialize_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(group_stats, m)?)?;
     Ok(())
 }
 
@@ -315,4 +316,26 @@ fn deserialize_safetensors<'py>(
         })
         .collect::<PyResult<Vec<_>>>()?;
     Ok((tensors, metadata))
+}
+
+type F32Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+
+/// GroupNorm's per-group mean and 1/std over a whole contiguous float32 `[N, C, H, W]` map, as two
+/// float32 `[N, groups]` arrays.
+#[pyfunction]
+fn group_stats<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    groups: usize,
+    eps: f64,
+) -> PyResult<(F32Array<'py>, F32Array<'py>)> {
+    let batch = x.shape().first().copied().unwrap_or(0);
+    let data = contiguous(&x)?;
+    let stats = py
+        .detach(|| group_norm::group_stats(data, batch, groups, eps))
+        .py()?;
+    Ok((
+        to_numpy(py, stats.mean, &[batch, groups])?,
+        to_numpy(py, stats.rstd, &[batch, groups])?,
+    ))
 }

@@ -1,0 +1,143 @@
+//! GroupNorm statistics over a whole activation map, for exact tiling: every tile of a step is
+//! normalised with the image's statistics, not its own, so they are reduced here once per step.
+
+use rayon::prelude::*;
+
+use crate::error::{tensor_err, Result};
+
+/// Per-group mean and `1 / sqrt(variance + eps)` of a GroupNorm, `batch * groups` of each in
+/// `[N, G]` order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    pub mean: Vec<f32>,
+    pub rstd: Vec<f32>,
+}
+
+/// Elements summed in float32 before the partial sum joins a float64 total: long enough for SIMD,
+/// short enough that float32 rounding stays near 1e-7 relative.
+const BLOCK: usize = 4096;
+
+/// The statistics of `x`, a contiguous `[N, C, H, W]` map whose `C * H * W` elements per item
+/// split into `groups` equal groups (GroupNorm's: channels `C / G` at a time, all positions). Two
+/// passes per group (mean, then the centred sum of squares), so a large mean costs the variance
+/// nothing; groups run in parallel.
+pub fn group_stats(x: &[f32], batch: usize, groups: usize, eps: f64) -> Result<GroupStats> {
+    if batch == 0 || groups == 0 || x.is_empty() || x.len() % (batch * groups) != 0 {
+        return tensor_err!(
+            "{} elements do not split into {batch} items of {groups} equal groups",
+            x.len()
+        );
+    }
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return tensor_err!("eps must be a finite non-negative number, got {eps}");
+    }
+    let per_group = x.len() / (batch * groups);
+    let (mean, rstd) = x
+        .par_chunks_exact(per_group)
+        .map(|group| {
+            let n = group.len() as f64;
+            let mean = blocked_sum(group, |v| v) / n;
+            let m = mean as f32;
+            let centred = blocked_sum(group, |v| (v - m) * (v - m)) / n;
+            // The float32 mean's rounding, corrected: E[(x - m)^2] = var + (mean - m)^2.
+            let shift = mean - f64::from(m);
+            let variance = (centred - shift * shift).max(0.0);
+            (mean as f32, (1.0 / (variance + eps).sqrt()) as f32)
+        })
+        .unzip();
+    Ok(GroupStats { mean, rstd })
+}
+
+/// The sum of `f(v)` over `values`: float32 lanes within a block, float64 across blocks.
+#[inline]
+fn blocked_sum(values: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f64 {
+    values
+        .chunks(BLOCK)
+        .map(|block| {
+            let mut lanes = [0f32; 16];
+            let mut chunks = block.chunks_exact(16);
+            for chunk in &mut chunks {
+                for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                    *lane += f(v);
+                }
+            }
+            let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+            f64::from(lanes.iter().sum::<f32>() + tail)
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook statistics in float64, one group at a time.
+    fn reference(x: &[f32], batch: usize, groups: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
+        x.chunks(x.len() / (batch * groups))
+            .map(|g| {
+                let n = g.len() as f64;
+                let mean = g.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+                let var = g
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                (mean, 1.0 / (var + eps).sqrt())
+            })
+            .unzip()
+    }
+
+    fn pseudo_random(len: usize, offset: f32) -> Vec<f32> {
+        let mut state = 0x2545_f491_u32;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                offset + (state as f32 / u32::MAX as f32 - 0.5) * 3.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_float64_statistics_even_with_a_large_mean() {
+        // 2 items, 32 channels of 37 x 41 in 8 groups; a mean 1000x the spread.
+        for offset in [0.0, 1500.0] {
+            let x = pseudo_random(2 * 32 * 37 * 41, offset);
+            let stats = group_stats(&x, 2, 8, 1e-6).unwrap();
+            let (mean, rstd) = reference(&x, 2, 8, 1e-6);
+            assert_eq!(stats.mean.len(), 16);
+            for g in 0..16 {
+                let m = f64::from(stats.mean[g]);
+                assert!(
+                    (m - mean[g]).abs() <= 1e-6 * mean[g].abs().max(1.0),
+                    "{offset} {g}"
+                );
+                let r = f64::from(stats.rstd[g]);
+                assert!(
+                    (r - rstd[g]).abs() <= 1e-5 * rstd[g],
+                    "{offset} {g}: {r} {}",
+                    rstd[g]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_constant_group_has_the_rstd_of_eps() {
+        let x = vec![2.5f32; 4 * 10];
+        let stats = group_stats(&x, 1, 4, 1e-6).unwrap();
+        assert_eq!(stats.mean, vec![2.5; 4]);
+        for r in stats.rstd {
+            assert!((f64::from(r) - 1e3).abs() < 1e-2);
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_split_are_errors() {
+        assert!(group_stats(&[0.0; 10], 1, 3, 1e-6).is_err());
+        assert!(group_stats(&[0.0; 12], 0, 3, 1e-6).is_err());
+        assert!(group_stats(&[], 1, 1, 1e-6).is_err());
+        assert!(group_stats(&[0.0; 12], 1, 3, f64::NAN).is_err());
+    }
+}
