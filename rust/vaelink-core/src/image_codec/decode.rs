@@ -72,14 +72,14 @@ pub fn probe(bytes: &[u8]) -> Result<ImageInfo> {
         let (format, reader) = reader(bytes)?;
         // A JPEG that libjpeg-turbo decodes is sized by it too: its header parser is the one
         // `decode` trusts, and it accepts scans zune-jpeg's stricter one refuses.
-        if let Some(head) = (format == ImageFormat::Jpeg)
-            .then(|| super::turbo::header(bytes))
+        if let Some(decoder) = (format == ImageFormat::Jpeg)
+            .then(|| super::turbo::Decoder::open(bytes))
             .flatten()
         {
             return Ok(ImageInfo {
                 format,
-                width: head.width,
-                height: head.height,
+                width: decoder.header.width,
+                height: decoder.header.height,
             });
         }
         let (width, height) = reader.into_dimensions().map_err(decode_err)?;
@@ -125,10 +125,11 @@ pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<RgbImage> {
 fn read_raw(bytes: &[u8], options: &DecodeOptions) -> Result<(u32, u32, ColorType, Vec<u8>)> {
     let (format, mut reader) = reader(bytes)?;
     if format == ImageFormat::Jpeg {
-        if let Some(head) = super::turbo::header(bytes) {
-            check_pixels(head.width as u64, head.height as u64, options.max_pixels)?;
-            let raw = super::turbo::decompress(bytes, head)?;
-            return Ok((head.width as u32, head.height as u32, ColorType::Rgb8, raw));
+        if let Some(decoder) = super::turbo::Decoder::open(bytes) {
+            let (w, h) = (decoder.header.width, decoder.header.height);
+            check_pixels(w as u64, h as u64, options.max_pixels)?;
+            let raw = decoder.decompress(bytes)?;
+            return Ok((w as u32, h as u32, ColorType::Rgb8, raw));
         }
     }
     if format == ImageFormat::WebP {

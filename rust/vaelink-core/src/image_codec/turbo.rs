@@ -148,12 +148,63 @@ pub(super) struct Header {
     pub height: usize,
 }
 
-/// The header of a JPEG libjpeg-turbo decodes to RGB8 (8-bit, YCbCr, gray or RGB); `None` for
-/// anything else (CMYK/YCCK, 12-bit, lossless above 8 bits, or no readable header): the caller's
-/// other decoder handles those and reports what is wrong.
-pub(super) fn header(bytes: &[u8]) -> Option<Header> {
-    let handle = Handle::new(tj::TJINIT_TJINIT_DECOMPRESS).ok()?;
-    read_header(&handle, bytes)
+/// A decompressor that has read a JPEG's header: the caller checks the size, then decodes with
+/// the same instance (one instance, one header parse per image).
+pub(super) struct Decoder {
+    handle: Handle,
+    pub header: Header,
+}
+
+impl Decoder {
+    /// The decoder of a JPEG libjpeg-turbo decodes to RGB8 (8-bit, YCbCr, gray or RGB); `None` for
+    /// anything else (CMYK/YCCK, 12-bit, lossless above 8 bits, or no readable header): the
+    /// caller's other decoder handles those and reports what is wrong.
+    pub fn open(bytes: &[u8]) -> Option<Self> {
+        let handle = Handle::new(tj::TJINIT_TJINIT_DECOMPRESS).ok()?;
+        let header = read_header(&handle, bytes)?;
+        Some(Self { handle, header })
+    }
+
+    /// Decodes the JPEG whose header `open` read (the same `bytes`) to interleaved RGB8. A file
+    /// cut short decodes with its missing rows filled in, as libjpeg (and Pillow) do; only an
+    /// error that leaves no image fails.
+    pub fn decompress(self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let Header { width, height } = self.header;
+        let handle = self.handle;
+        handle.set(tj::TJPARAM_TJPARAM_SCANLIMIT, SCAN_LIMIT)?;
+        let pitch = width.checked_mul(3).and_then(|p| c_int::try_from(p).ok());
+        let len = width.checked_mul(height).and_then(|p| p.checked_mul(3));
+        let (Some(pitch), Some(len)) = (pitch, len) else {
+            return Err(Error::Decode(format!(
+                "cannot decode a {width}x{height} JPEG"
+            )));
+        };
+        // Not zeroed first: a reused allocation would be cleared at memset speed (about 12% of a
+        // decode), and libjpeg-turbo writes every row of a decode it finishes.
+        let mut pixels = Vec::<u8>::with_capacity(len);
+        // SAFETY: `pixels` has room for `height` rows of `pitch` bytes, the size of the header
+        // this handle read from these same bytes.
+        let status = unsafe {
+            tj::tj3Decompress8(
+                handle.0.as_ptr(),
+                bytes.as_ptr(),
+                bytes.len() as tj::size_t,
+                pixels.as_mut_ptr(),
+                pitch,
+                tj::TJPF_TJPF_RGB as c_int,
+            )
+        };
+        if status != 0 && !handle.warned() {
+            return Err(Error::Decode(format!(
+                "cannot decode image: {}",
+                handle.message()
+            )));
+        }
+        // SAFETY: a decode that ends without error, or with only a warning (data cut short, its
+        // missing rows filled in), has written all `height` rows.
+        unsafe { pixels.set_len(len) };
+        Ok(pixels)
+    }
 }
 
 fn read_header(handle: &Handle, bytes: &[u8]) -> Option<Header> {
@@ -171,58 +222,6 @@ fn read_header(handle: &Handle, bytes: &[u8]) -> Option<Header> {
     let width = usize::try_from(handle.get(tj::TJPARAM_TJPARAM_JPEGWIDTH)).ok()?;
     let height = usize::try_from(handle.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT)).ok()?;
     (width > 0 && height > 0).then_some(Header { width, height })
-}
-
-/// Decodes a JPEG whose `header` was read (and its size accepted) to interleaved RGB8. A file cut
-/// short decodes with its missing rows filled in, as libjpeg (and Pillow) do; only an error that
-/// leaves no image fails.
-pub(super) fn decompress(bytes: &[u8], header: Header) -> Result<Vec<u8>> {
-    let handle = Handle::new(tj::TJINIT_TJINIT_DECOMPRESS)?;
-    if read_header(&handle, bytes) != Some(header) {
-        return Err(Error::Decode(
-            "cannot decode image: the JPEG header changed".into(),
-        ));
-    }
-    handle.set(tj::TJPARAM_TJPARAM_SCANLIMIT, SCAN_LIMIT)?;
-    let pitch = header
-        .width
-        .checked_mul(3)
-        .and_then(|p| c_int::try_from(p).ok());
-    let len = header
-        .width
-        .checked_mul(header.height)
-        .and_then(|p| p.checked_mul(3));
-    let (Some(pitch), Some(len)) = (pitch, len) else {
-        return Err(Error::Decode(format!(
-            "cannot decode a {}x{} JPEG",
-            header.width, header.height
-        )));
-    };
-    // Not zeroed first: a reused allocation would be cleared at memset speed (about 12% of a
-    // decode), and libjpeg-turbo writes every row of a decode it finishes.
-    let mut pixels = Vec::<u8>::with_capacity(len);
-    // SAFETY: `pixels` has room for `height` rows of `pitch` bytes, the size of the header just
-    // read from these same bytes by this handle.
-    let status = unsafe {
-        tj::tj3Decompress8(
-            handle.0.as_ptr(),
-            bytes.as_ptr(),
-            bytes.len() as tj::size_t,
-            pixels.as_mut_ptr(),
-            pitch,
-            tj::TJPF_TJPF_RGB as c_int,
-        )
-    };
-    if status != 0 && !handle.warned() {
-        return Err(Error::Decode(format!(
-            "cannot decode image: {}",
-            handle.message()
-        )));
-    }
-    // SAFETY: a decode that ends without error, or with only a warning (data cut short, its
-    // missing rows filled in), has written all `height` rows.
-    unsafe { pixels.set_len(len) };
-    Ok(pixels)
 }
 
 #[cfg(test)]
@@ -254,15 +253,13 @@ mod tests {
             ChromaSubsampling::S420,
         ] {
             let jpeg = encode(&pixels, w, h, sub);
-            let head = header(&jpeg).expect("an 8-bit YCbCr JPEG");
-            assert_eq!(
-                head,
-                Header {
-                    width: w,
-                    height: h
-                }
-            );
-            let back = decompress(&jpeg, head).unwrap();
+            let decoder = Decoder::open(&jpeg).expect("an 8-bit YCbCr JPEG");
+            let expected = Header {
+                width: w,
+                height: h,
+            };
+            assert_eq!(decoder.header, expected);
+            let back = decoder.decompress(&jpeg).unwrap();
             let reference = image::load_from_memory(&jpeg).unwrap().to_rgb8();
             let worst = back
                 .iter()
@@ -279,25 +276,15 @@ mod tests {
     fn truncated_files_decode_and_garbage_does_not() {
         let (w, h) = (64, 64);
         let jpeg = encode(&gradient(w, h), w, h, ChromaSubsampling::S420);
-        let head = header(&jpeg).unwrap();
         let cut = &jpeg[..jpeg.len() * 2 / 3];
-        assert_eq!(decompress(cut, head).unwrap().len(), w * h * 3);
-        assert!(header(&jpeg[..20]).is_none());
-        assert!(header(b"not a jpeg at all").is_none());
+        let decoder = Decoder::open(cut).expect("the header is whole");
+        assert_eq!(decoder.decompress(cut).unwrap().len(), w * h * 3);
+        assert!(Decoder::open(&jpeg[..20]).is_none());
+        assert!(Decoder::open(b"not a jpeg at all").is_none());
         let mut broken = jpeg.clone();
         let scan = broken.len() / 2;
         broken[scan..].fill(0xFF);
         // Either filled in as a warning or refused: never a crash.
-        let _ = decompress(&broken, head);
-    }
-
-    #[test]
-    fn a_header_that_differs_from_the_bytes_is_refused() {
-        let jpeg = encode(&gradient(16, 16), 16, 16, ChromaSubsampling::S444);
-        let wrong = Header {
-            width: 32,
-            height: 32,
-        };
-        assert!(decompress(&jpeg, wrong).is_err());
+        let _ = Decoder::open(&broken).map(|d| d.decompress(&broken));
     }
 }
