@@ -17,6 +17,11 @@ from typing import Any
 
 import numpy as np
 
+# The engine's CPU default is bfloat16 on CPUs with native bfloat16 when OpenVINO is installed; the
+# benchmarks compare float32 against float32 peers and recorded figures unless the command line
+# says otherwise (`bench_engine.py --precision` asks for each dtype itself).
+os.environ.setdefault("VAELINK_CPU_DTYPE", "float32")
+
 # VAELINK_BENCH_RESULTS: another folder (the tests rehearse benchmarks into a temporary one).
 RESULTS = Path(os.environ.get("VAELINK_BENCH_RESULTS") or Path(__file__).parent / "results")
 

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--model", default="vaelink-tiny", help="a name or an export folder")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     args = parser.parse_args()
-    engine = Engine(args.model, provider="cpu")
+    engine = Engine(args.model, provider="cpu", dtype="float32")
     rows = {}
     folder = resolve_model(args.model).export_folder()
     trained = read_manifest(folder, verify=False).source.get("train_photos", [])
@@ -64,7 +64,9 @@ def main() -> None:
     big = square(data.retina(), 1024)
     latents = engine.encode(big, tile=False)
     untiled = engine.decode(latents, tile=False)[0]
-    tiled = Engine(args.model, provider="cpu", tile_size=256).decode(latents, tile=True)[0]
+    tiled = Engine(args.model, provider="cpu", dtype="float32", tile_size=256).decode(
+        latents, tile=True
+    )[0]
     tiling = {
         "tile_px": 256,
         "psnr_tiled_vs_untiled_db": psnr(untiled, tiled),

@@ -95,7 +95,7 @@ def vaelink_decodes(vae: AutoencoderKL, z: torch.Tensor) -> dict[str, np.ndarray
     latents = card.scaling.apply(z.numpy())
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_vae(vae, card, Path(tmp) / "kl-small", variants=("float32",))
-        engine = Engine(folder, provider="cpu", tile_size=TILE)
+        engine = Engine(folder, provider="cpu", dtype="float32", tile_size=TILE)
         return {
             mode: engine.decode(latents, tile=True, tiling=mode)[0]
             for mode in ("exact", "fast", "blended")
