@@ -152,8 +152,8 @@ class Engine:
     raises `ProviderUnavailableError` instead. `dtype`: float16 by default on CUDA; on the CPU
     bfloat16 through OpenVINO where the CPU computes it natively (AVX512-BF16 or AMX) and OpenVINO
     is installed (`vaelink[openvino]`), else float32. Non-finite reduced-precision pieces are
-    recomputed in float32, and exact and fast tiling's segments run in float32. `memory_limit` (bytes) caps the
-    activation memory vaelink plans for; on CUDA it also caps ONNX Runtime's arena on the device,
+    recomputed in float32, and exact and fast tiling's segments run in float32. `memory_limit`
+    (bytes) caps the activation memory vaelink plans for; on CUDA it also caps ONNX Runtime's arena on the device,
     one arena shared by every session of the process (the first engine on a device sets it).
     Without it a GPU plans from the card's free memory at start, less the weights and a headroom.
     `tile_size` (pixels, a multiple of the spatial factor) overrides the tiling policy: 512 on the
@@ -208,15 +208,16 @@ class Engine:
             raise EngineError(
                 f"unknown cudnn_search {cudnn_search!r}; expected exhaustive, heuristic or default"
             )
-        self.requested_provider: Provider = provider
-        cuda = provider == "cuda" or (
-            provider == "auto" and dtype != "bfloat16" and lists_cuda(ort)
-        )
-        self.provider: Literal["cpu", "cuda"] = "cuda" if cuda else "cpu"
         if dtype not in (None, "float32", "float16", "bfloat16"):
             raise EngineError(f"unknown dtype {dtype!r}; expected float32, float16 or bfloat16")
         if dtype == "bfloat16" and provider == "cuda":
             raise EngineError("bfloat16 runs on the CPU (OpenVINO); CUDA runs float16 or float32")
+        self.requested_provider: Provider = provider
+        # bfloat16 asked for is a CPU engine even where CUDA is there.
+        cuda = provider == "cuda" or (
+            provider == "auto" and dtype != "bfloat16" and lists_cuda(ort)
+        )
+        self.provider: Literal["cpu", "cuda"] = "cuda" if cuda else "cpu"
         self._explicit_dtype = dtype
         self.dtype: DType = dtype or ("float16" if cuda else default_cpu_dtype())
         self.memory_limit = memory_limit
@@ -342,9 +343,10 @@ class Engine:
         return session
 
     def _run_graph(self, part: str, x: Any) -> Any:
-        """One forward pass in the engine's dtype; non-finite float16 output is redone in float32.
-        numpy arrays go through `session.run`; torch tensors stay on their device (IO binding).
-        What is still non-finite then is refused: NaN images or latents are never an answer."""
+        """One forward pass in the engine's dtype; non-finite float16 or bfloat16 output is redone
+        in float32. numpy arrays go through `session.run`; torch tensors stay on their device (IO
+        binding; through host memory for OpenVINO). What is still non-finite then is refused: NaN
+        images or latents are never an answer."""
         run = self._run_tensor if is_torch(x) else self._run_session
         result = run(part, x, self.dtype)
         finite = bool(array_namespace(result).isfinite(result).all())
