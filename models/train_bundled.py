@@ -3,19 +3,20 @@ package (python/vaelink/models/vaelink-tiny/), so that vaelink works offline out
 
     python models/train_bundled.py                 # the shipped run (seeded; see models/README.md)
     python models/train_bundled.py --steps 50      # a quick smoke run into a scratch folder
-    python models/train_bundled.py --width 48 --steps 4000 --more-photos --clip 1 \
-        --output /tmp/w48/vaelink-tiny             # the 48-wide trial of models/README.md
+    python models/train_bundled.py --width 32 --steps 7000 --skimage-only --clip 0 \
+        --output /tmp/w32/vaelink-tiny             # the previous model (32 wide), for comparison
 
 The model is an AutoencoderTiny-style (TAESD-family) autoencoder: spatial factor 8, 16 latent
-channels (like taesd3 / taef1), 32-wide conv blocks. Training data: openly licensed photos shipped
-inside scikit-image (colour photos drawn three times as often as gray ones), random crops with
-flips and colour jitter (models/skimage_photos.py); `chelsea` and `rocket` are held out.
-Loss: mean squared error plus 0.1 x L1 on pixels in [-1, 1].
+channels (like taesd3 / taef1), 48-wide conv blocks. Training data: openly licensed photos shipped
+inside scikit-image (colour photos drawn three times as often as gray ones) plus scikit-learn's
+`china.jpg`, random crops with flips and colour jitter (models/skimage_photos.py); `chelsea`,
+`rocket` and scikit-learn's `flower.jpg` are held out. Loss: mean squared error plus 0.1 x L1 on
+pixels in [-1, 1]; gradients clipped to norm 1.
 
 Only the defaults reproduce the shipped model and export into the package; any other width, step
-count or photo set exports into a scratch folder (with its torch weights beside it). `--more-photos`
-adds scikit-learn's `china.jpg` and scikit-image's gray `clock` (scikit-learn's `flower.jpg` stays
-held out, for models/evaluate_bundled.py).
+count or photo set exports into a scratch folder (with its torch weights beside it).
+`--skimage-only` leaves out scikit-learn's `china.jpg` and scikit-image's gray `clock`, as the
+previous, 32-wide model was trained.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ PACKAGE_EXPORT = (
     Path(__file__).resolve().parents[1] / "python" / "vaelink" / "models" / "vaelink-tiny"
 )
 TRAINING_RECORD = Path(__file__).resolve().parent / "vaelink-tiny-training.json"
-WIDTH, STEPS = 32, 7000  # the shipped model's
+WIDTH, STEPS, CLIP = 48, 8000, 1.0  # the shipped model's
 
 
 def build_model(width: int = WIDTH) -> AutoencoderTiny:
@@ -68,8 +69,8 @@ def train(
     lr: float,
     log_every: int,
     width: int = WIDTH,
-    more_photos: bool = False,
-    clip: float | None = None,
+    more_photos: bool = True,
+    clip: float | None = CLIP,
 ) -> tuple[AutoencoderTiny, dict]:
     random.seed(0)
     np.random.seed(0)
@@ -93,7 +94,7 @@ def train(
         loss = mse + 0.1 * torch.mean(torch.abs(y - x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if clip is not None:
+        if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         schedule.step()
@@ -129,8 +130,13 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--width", type=int, default=WIDTH, help="channels of every conv block")
-    parser.add_argument("--more-photos", action="store_true", help="add china.jpg and clock")
-    parser.add_argument("--clip", type=float, default=None, help="gradient norm clipping")
+    parser.add_argument(
+        "--skimage-only",
+        dest="more_photos",
+        action="store_false",
+        help="without china.jpg and clock (the previous model's photos)",
+    )
+    parser.add_argument("--clip", type=float, default=CLIP, help="gradient norm clipping (0: none)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -153,11 +159,10 @@ def main() -> None:
         more_photos=args.more_photos,
         clip=args.clip,
     )
-    shipped = args.steps >= STEPS and args.width == WIDTH and not args.more_photos
-    shipped = shipped and args.clip is None
+    shipped = args.steps >= STEPS and args.width == WIDTH and args.more_photos
+    shipped = shipped and args.clip == CLIP
     output = args.output or (PACKAGE_EXPORT if shipped else Path("vaelink-tiny-scratch"))
-    if args.width != WIDTH or args.more_photos or args.clip is not None:
-        record.update(width=args.width, more_photos=args.more_photos, clip=args.clip)
+    record.update(width=args.width, more_photos=args.more_photos, clip=args.clip)
     source = {
         "location": "models/train_bundled.py",
         "training": {k: v for k, v in record.items() if k != "history"},

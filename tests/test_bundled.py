@@ -39,7 +39,7 @@ def test_bundled_model_ships_inside_the_package_and_verifies() -> None:
 def test_reconstruction_quality(engine: Engine, photo: np.ndarray) -> None:
     restored = engine.decode(engine.encode(photo))[0]
     assert restored.shape == photo.shape
-    assert psnr(photo, restored) > 25.0  # measured 26.5 dB (a training photo)
+    assert psnr(photo, restored) > 25.0  # measured 27.9 dB (a training photo)
 
 
 def test_reconstruction_quality_on_a_held_out_photo(engine: Engine) -> None:
@@ -47,13 +47,13 @@ def test_reconstruction_quality_on_a_held_out_photo(engine: Engine) -> None:
 
     cat = np.ascontiguousarray(data.chelsea()[22:278, 97:353])  # 256 x 256, never trained on
     restored = engine.decode(engine.encode(cat))[0]
-    assert psnr(cat, restored) > 26.0  # measured 27.5 dB
+    assert psnr(cat, restored) > 27.0  # measured 28.4 dB (27.5 dB by the previous, 32-wide model)
 
 
 def test_tiled_decode_stays_within_the_stated_bound(engine: Engine, photo: np.ndarray) -> None:
     """The bound the README states for tiling: with 256-pixel tiles, a tiled decode of a real photo
-    stays within 45 dB PSNR of the untiled decode (measured: 53-55 dB) and no pixel moves by more
-    than 16 levels (measured: 7-9)."""
+    stays within 45 dB PSNR of the untiled decode and no pixel moves by more than 16 levels
+    (measured on a 1024 x 1024 photo by models/evaluate_bundled.py: 58.2 dB, 5 levels)."""
     latents = engine.encode(photo)
     untiled = engine.decode(latents, tile=False)[0]
     tiled = Engine(DEFAULT_MODEL, provider="cpu", tile_size=256).decode(latents, tile=True)[0]
