@@ -21,7 +21,7 @@ from PIL import Image
 
 import vaelink
 from vaelink import runtime
-from vaelink.engine import Engine, EngineError
+from vaelink.engine import Engine, EngineError, MemoryModel
 from vaelink.errors import (
     CorruptExportError,
     ModelNotExportedError,
@@ -390,6 +390,22 @@ def test_small_memory_limit_slices_the_batch(
     tiny = model.engine(memory_limit=1)
     np.testing.assert_allclose(tiny.encode(x, tile=False), latents, rtol=0, atol=1e-5)
     assert [shape for _, _, shape in spy.calls] == [(1, 3, SIZE, SIZE)] * 5
+
+
+def test_attention_plans_no_score_matrix(sd15: ef.Exported, tmp_path: Path) -> None:
+    """Exports hold the mid-block attention as MultiHeadAttention (no (h*w)^2 scores), so a large
+    image plans only its convolutions' maps; an older export's plan keeps the score matrix."""
+    engine = sd15.engine()
+    assert engine.memory.attention and not engine.memory.scores
+    convs = MemoryModel(engine.memory.full_res_channels, attention=False)
+    assert engine.memory.bytes(2048, 2048, 4) == convs.bytes(2048, 2048, 4)
+    old = sd15.copy(tmp_path / "old")
+    data = json.loads((old / MANIFEST).read_text())
+    del data["source"]["config"]["flash_attention"]
+    (old / MANIFEST).write_text(json.dumps(data))
+    tokens = 2048 * 2048 // sd15.card.spatial_factor**2
+    older = Engine(old, provider="cpu").memory.bytes(2048, 2048, 4)
+    assert older == convs.bytes(2048, 2048, 4) + 4 * tokens**2
 
 
 def test_images_over_the_memory_limit_are_tiled(

@@ -23,11 +23,12 @@ import torch
 import vaelink
 from vaelink import exact
 from vaelink.engine import Engine, EngineError
-from vaelink.errors import CorruptExportError, OperationCancelledError
+from vaelink.errors import CorruptExportError, OperationCancelledError, TensorError
 from vaelink.exports import MANIFEST
 
 EXACT_TOL = 1e-4
 HEIGHT, WIDTH, TILE = 200, 264, 64
+STRIP_AREA = TILE**2 + 5 * WIDTH
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,13 +68,7 @@ class TileSpy:
         engine._segment_session = session  # type: ignore[method-assign]
 
 
-def test_exact_tiles_equal_untiled_and_diffusers(
-    model: ef.Exported, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Attention in query blocks of 37 rows: the chunked softmax is exercised, not one block.
-    f = model.card.spatial_factor
-    tokens = (HEIGHT // f) * (WIDTH // f)
-    monkeypatch.setattr(exact, "SCORE_ELEMENTS", 37 * tokens)
+def test_exact_tiles_equal_untiled_and_diffusers(model: ef.Exported, images: np.ndarray) -> None:
     engine = model.engine(tile_size=TILE)
     spy = TileSpy(engine)
 
@@ -81,15 +76,16 @@ def test_exact_tiles_equal_untiled_and_diffusers(
     tiled = engine.encode(images, tile=True, tiling="exact")
     assert ef.rel_err(tiled, untiled) <= EXACT_TOL
     assert ef.rel_err(tiled, model.encode(images)) <= EXACT_TOL
-    # Many tiles, none bigger than the tile and its one-pixel halo.
-    assert len(spy.shapes) > 100 and max(max(s) for s in spy.shapes) <= TILE + 2
+    # Many strips, none bigger than a tile's area and a few halo rows (a stride-2 step reads
+    # 2 x (rows + 2 halo) + 1 rows of its input).
+    assert len(spy.shapes) > 100 and max(h * w for h, w in spy.shapes) <= STRIP_AREA
 
     spy.shapes.clear()
     decoded = engine.decode(untiled, output="float", tile=False)
     decoded_tiled = engine.decode(untiled, output="float", tile=True, tiling="exact")
     assert ef.rel_err(decoded_tiled, decoded) <= EXACT_TOL
     assert ef.rel_err(decoded_tiled, model.decode(untiled)) <= EXACT_TOL
-    assert len(spy.shapes) > 100 and max(max(s) for s in spy.shapes) <= TILE + 2
+    assert len(spy.shapes) > 100 and max(h * w for h, w in spy.shapes) <= STRIP_AREA
 
     # Blended tiles normalise on their own: far off, so the bound above means something.
     blended = engine.decode(untiled, output="float", tile=True, tiling="blended")
@@ -166,17 +162,58 @@ def test_group_stats_are_torchs_group_norm_statistics(offset: float) -> None:
     np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=2e-5 * (1 + offset / 100))
 
 
-def test_chunked_attention_is_softmax_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strip_statistics_are_the_whole_maps() -> None:
+    """Statistics of a map held in strips with halo rows (each strip counting only its own rows,
+    merged in float64) equal those of the whole map; rows outside a map are refused."""
+    rng = np.random.default_rng(5)
+    x = (3 + rng.standard_normal((1, 16, 23, 9))).astype(np.float32)
+    whole = exact.group_stats(x, 4, 1e-6)
+    # Strips owning rows [0, 8), [8, 15), [15, 23), stored with two halo rows each side.
+    strips = [
+        (np.ascontiguousarray(x[:, :, 0:10]), (0, 8)),
+        (np.ascontiguousarray(x[:, :, 6:17]), (2, 9)),
+        (np.ascontiguousarray(x[:, :, 13:23]), (2, 10)),
+    ]
+    for merged, expected in zip(exact.strip_stats(strips, 4, 1e-6), whole, strict=True):
+        np.testing.assert_allclose(merged, expected, rtol=2e-6)
+    own = exact.group_stats(x, 4, 1e-6, rows=(6, 17))
+    copied = exact.group_stats(np.ascontiguousarray(x[:, :, 6:17]), 4, 1e-6)
+    np.testing.assert_allclose(own, copied, rtol=1e-6)
+    with pytest.raises(TensorError, match="rows"):
+        exact.group_stats(x, 4, 1e-6, rows=(20, 24))
+
+
+def test_attention_segment_is_softmax_attention(tmp_path: Path) -> None:
+    """The attention nodes (ONNX Runtime's MultiHeadAttention between reshapes) compute
+    softmax(q k^T / sqrt(d)) v per head, q, k and v stacked on channels as the qkv segment makes."""
+    from onnx import TensorProto, helper
+
+    from vaelink.export_segments import _save, attention_nodes
+    from vaelink.runtime import load_onnxruntime
+
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((2, 3 * 8, 5, 7), dtype=np.float32)
-    monkeypatch.setattr(exact, "SCORE_ELEMENTS", 35 * 4)  # blocks of 4 queries
-    program = exact.ExactProgram([], lambda file: None)
-    out = program._attend(qkv, {"heads": 2, "scale": 0.5}, None)
-    q, k, v = (t.reshape(2, 2, 4, 35) for t in np.split(qkv, 3, axis=1))
-    scores = np.einsum("nhdq,nhdk->nhqk", q, k) * 0.5
+    heads, channels = 2, 8
+    qkv = rng.standard_normal((2, 3 * channels, 5, 7), dtype=np.float32)
+    nodes, inits = attention_nodes("x", "y", heads=heads, channels=channels)
+    shape = ["n", 3 * channels, "h", "w"]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    path = _save(graph, tmp_path / "attention.onnx")
+    ort = load_onnxruntime()
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": qkv}
+    )
+    d = channels // heads
+    q, k, v = (t.reshape(2, heads, d, 35) for t in np.split(qkv, 3, axis=1))
+    scores = np.einsum("nhdq,nhdk->nhqk", q, k) / np.sqrt(d)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    expected = np.einsum("nhqk,nhdk->nhdq", weights, v).reshape(2, 8, 5, 7)
+    expected = np.einsum("nhqk,nhdk->nhdq", weights, v).reshape(2, channels, 5, 7)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
 
 

@@ -86,6 +86,10 @@ def test_graphs(model: ef.Exported) -> None:
         }.items():
             graph = onnx.load(str(model.folder / f"{part}-{variant}.onnx"))
             onnx.checker.check_model(graph)
+            ops = collections.Counter(node.op_type for node in graph.graph.node)
+            # KL's mid-block attention is one MultiHeadAttention: no (h*w)^2 score matrix.
+            attends = 1 if model.card.has_posterior else 0
+            assert (ops["MultiHeadAttention"], ops["Softmax"]) == (attends, 0), ops
             (i,), (o,) = graph.graph.input, graph.graph.output
             assert (i.name, o.name) == (inp, out)
             for value, c in ((i, c_in), (o, c_out)):
@@ -177,6 +181,7 @@ def test_float16_cuda_variant(
         assert ops["GroupNorm"] + ops["SkipGroupNorm"] > 0, ops
         assert ops["NhwcConv"] > 0, ops
         assert ops["Conv"] == 0, ops  # every convolution went NHWC
+        assert (ops["MultiHeadAttention"], ops["Softmax"]) == (1, 0), ops
         for value in (*graph.graph.input, *graph.graph.output):
             assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     # The CPU engine takes the plain float16 graph; the CUDA one would take the fused graph.

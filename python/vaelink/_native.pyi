@@ -71,7 +71,7 @@ def deserialize_safetensors(
     data: bytes,
 ) -> tuple[list[tuple[str, npt.NDArray[np.uint8], list[int], str]], dict[str, str]]: ...
 def group_stats(
-    x: npt.NDArray[np.float32], groups: int, eps: float
+    x: npt.NDArray[np.float32], groups: int, eps: float, rows: tuple[int, int] | None = None
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 
 @final

@@ -177,10 +177,11 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def memory_config(config: dict[str, Any], card: ModelCard) -> dict[str, Any]:
     """What the engine's memory model needs from a VAE's config: the widest full-resolution block
-    and whether the mid-block has attention."""
+    and whether the mid-block has attention (exported as MultiHeadAttention, which holds no score
+    matrix: `flash_attention`)."""
     widths = config.get("block_out_channels") or config.get("encoder_block_out_channels") or [128]
     attention = card.has_posterior and bool(config.get("mid_block_add_attention", True))
-    return {"full_res_channels": int(widths[0]), "attention": attention}
+    return {"full_res_channels": int(widths[0]), "attention": attention, "flash_attention": True}
 
 
 def card_from_config(name: str, config: dict[str, Any], *, where: str = "config.json") -> ModelCard:

@@ -117,18 +117,20 @@ class MemoryModel:
     """Peak activation memory of one image through a graph, from the architecture's widths.
 
     Convolutions keep a few full-resolution feature maps of the widest full-resolution block alive;
-    the mid-block attention of AutoencoderKL adds an (h*w)^2 score matrix at latent resolution."""
+    the mid-block attention of AutoencoderKL adds an (h*w)^2 score matrix at latent resolution in
+    exports that hold it (`scores`: before attention became ONNX Runtime's MultiHeadAttention)."""
 
     full_res_channels: int
     attention: bool
     spatial_factor: int = 8
     live_maps: int = 6
+    scores: bool = True
 
     def bytes(self, height: int, width: int, itemsize: int) -> int:
         pixels = height * width
         tokens = pixels // self.spatial_factor**2
         conv = self.live_maps * self.full_res_channels * pixels * itemsize
-        attention = tokens * tokens * itemsize if self.attention else 0
+        attention = tokens * tokens * itemsize if self.attention and self.scores else 0
         return conv + attention
 
 
@@ -233,6 +235,7 @@ class Engine:
             full_res_channels=int(config.get("full_res_channels", 128)),
             attention=bool(config.get("attention", self.card.has_posterior)),
             spatial_factor=self.card.spatial_factor,
+            scores=not config.get("flash_attention", False),
         )
         self._sessions: dict[tuple[str, str, int], Any] = {}
         self._noted_blended = False
@@ -519,7 +522,7 @@ class Engine:
             raise EngineError(f"unknown tiling {tiling!r}; expected exact, fast, blended or None")
         if tiling == "blended":
             return "blended"
-        if not self.manifest.segments.get(part):
+        if not self._has_segments(part):
             if tiling in ("exact", "fast"):
                 raise EngineError(
                     f"{self.folder} has no segments for {tiling} tiling (a model without "
@@ -545,6 +548,10 @@ class Engine:
                 )
             return "exact"  # the only way this export keeps the norms right
         return "fast"
+
+    def _has_segments(self, part: str) -> bool:
+        """Segments this vaelink runs: those of exports before row strips count as none."""
+        return ExactProgram.runs(self.manifest.segments.get(part) or [])
 
     def _run_segments(
         self, part: str, x: Array, run: Callable[[ExactProgram, np.ndarray], np.ndarray]

@@ -1,12 +1,15 @@
 """Exact tiling: run an AutoencoderKL's segments (`vaelink.export_segments`) tile by tile so that the
 result equals the untiled pass up to floating-point summation order.
 
-Each step maps one full-resolution activation map held on the host (float32 numpy) to the next. A
-convolution step runs its ONNX segment on each output tile's input region plus the halo it needs
-and keeps the tile's core; a step that starts with a GroupNorm first reduces that norm's per-group
-mean and variance over the whole map (float64 on the host) and hands them to every tile. The
-mid-block attention runs on the host over all positions at latent resolution, query block by query
-block (scores are `block x N`, never `N x N`). Only a tile and its halo ever go to the runtime.
+Each step maps one full-resolution activation map held on the host (float32 numpy, in full-width row
+strips) to the next. A convolution step runs its ONNX segment on each output strip's input rows plus
+the halo rows it needs (a strip has a tile's area; the graph pads the columns, so its output is
+exactly the strip, kept as the runtime returned it); a step that starts with a GroupNorm first
+reduces that norm's per-group mean and variance over the whole map (float64 on the host) and hands
+them to every strip. The
+mid-block attention runs over all positions at latent resolution in one runtime call (ONNX Runtime's
+MultiHeadAttention: flash attention, scores are never held `N x N`). Only a strip and its halo, or
+the latent-resolution attention's input, ever go to the runtime.
 
 Fast tiling (`run_fast`, the idea of the "Tiled VAE" extension) trades exactness for memory and
 time: the chain runs once, untiled, on an area-downscaled copy of the input (its longer side about
@@ -31,41 +34,121 @@ __all__ = ["ExactProgram", "area_downscale", "group_stats", "run_fast"]
 
 Stats = tuple[np.ndarray, np.ndarray]
 WHOLE = 1 << 30  # a core tile larger than any map: each step runs once over the whole input
+LAYOUT = "rows"  # segments for full-width row strips: columns padded in-graph, rows by the host
 
-SCORE_ELEMENTS = 1 << 24  # attention scores per query block: 64 MiB of float32
+
+def group_stats(
+    x: np.ndarray, groups: int, eps: float, rows: tuple[int, int] | None = None
+) -> Stats:
+    """Per-channel mean and 1/std `[N, C, 1, 1]` of GroupNorm over the map `x` (float32,
+    contiguous; `rows`: only those rows), reduced by the Rust core: in parallel, without a
+    temporary copy, two passes per group so that a large mean costs the variance nothing
+    (relative error ~1e-7)."""
+    return strip_stats([(x, rows or (0, x.shape[2]))], groups, eps)
 
 
-def group_stats(x: np.ndarray, groups: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and 1/std `[N, C, 1, 1]` of GroupNorm over the whole map `x` (float32,
-    contiguous), reduced by the Rust core: in parallel, without a temporary copy, two passes per
-    group so that a large mean costs the variance nothing (relative error ~1e-7)."""
-    mean, rstd = _native.group_stats(x, groups, eps)
-    per = x.shape[1] // groups
+def strip_stats(
+    strips: Sequence[tuple[np.ndarray, tuple[int, int]]], groups: int, eps: float
+) -> Stats:
+    """`group_stats` of the map made of `strips` (each an array and the rows of it that count):
+    each strip's group means and variances, merged in float64 (Chan et al.'s parallel variance)."""
+    if len(strips) == 1:
+        x, rows = strips[0]
+        mean, rstd = _native.group_stats(x, groups, eps, rows)
+    else:
+        counts, means, variances = [], [], []
+        for x, rows in strips:
+            m, r = _native.group_stats(x, groups, eps, rows)
+            counts.append(rows[1] - rows[0])
+            means.append(m.astype(np.float64))
+            variances.append(1 / r.astype(np.float64) ** 2 - eps)
+        weights = np.array(counts, np.float64)[:, None, None] / sum(counts)
+        m64 = np.stack(means)
+        mean64 = (weights * m64).sum(axis=0)
+        var = (weights * (np.stack(variances) + (m64 - mean64) ** 2)).sum(axis=0)
+        mean, rstd = mean64, 1 / np.sqrt(np.maximum(var, 0) + eps)
+    per = strips[0][0].shape[1] // groups
 
     def expand(a: np.ndarray) -> np.ndarray:
-        return np.repeat(a, per, axis=1)[:, :, None, None]
+        return np.repeat(a.astype(np.float32), per, axis=1)[:, :, None, None]
 
     return expand(mean), expand(rstd)
 
 
-def _cores(size: int, tile: int) -> list[tuple[int, int]]:
-    return [(s, min(s + tile, size)) for s in range(0, size, tile)]
+class Strips:
+    """A map `[N, C, H, W]` held as full-width row strips. Strip `i` owns rows `[edges[i],
+    edges[i + 1])` and is stored with up to `halo` rows of its neighbours' on each side, so that a
+    3x3 segment runs on the stored array as it is (the graph pads like the model) and its output,
+    which has the same rows, is kept as the runtime returned it: only the halo rows, refreshed from
+    the neighbours, are ever copied between convolutions. Halo rows of an output are stale (they
+    saw a strip's edge) until refreshed."""
+
+    def __init__(
+        self, shape: tuple[int, ...], edges: list[int], halo: int, parts: list[np.ndarray]
+    ) -> None:
+        self.shape, self.edges, self.parts = shape, edges, parts
+        self.halo = halo if len(edges) > 2 else 0
+
+    @classmethod
+    def whole(cls, x: np.ndarray) -> Strips:
+        return cls(x.shape, [0, x.shape[2]], 0, [np.ascontiguousarray(x, np.float32)])
+
+    def stored(self, i: int) -> tuple[int, int]:
+        """The rows strip `i`'s array holds."""
+        return max(0, self.edges[i] - self.halo), min(self.shape[2], self.edges[i + 1] + self.halo)
+
+    def owned(self) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """Each strip's array and its own rows within it (for statistics)."""
+        return [
+            (part, (self.edges[i] - self.stored(i)[0], self.edges[i + 1] - self.stored(i)[0]))
+            for i, part in enumerate(self.parts)
+        ]
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows `[r0, r1)` (inside the map) as one contiguous array, from the strips' own rows."""
+        for i, part in enumerate(self.parts):
+            if self.halo == 0 and self.stored(i) == (r0, r1):
+                return part  # one strip's own rows: no copy
+        n, c, _, w = self.shape
+        out = np.empty((n, c, r1 - r0, w), np.float32)
+        for i, part in enumerate(self.parts):
+            a, b = max(r0, self.edges[i]), min(r1, self.edges[i + 1])
+            if a < b:
+                first = self.stored(i)[0]
+                out[:, :, a - r0 : b - r0] = part[:, :, a - first : b - first]
+        return out
+
+    def laid_out(self, edges: list[int], halo: int) -> Strips:
+        """This map in strips `edges` with `halo` rows (itself when it already is), halos fresh."""
+        laid = Strips(self.shape, edges, halo, [])
+        if (edges, laid.halo) == (self.edges, self.halo):
+            self.refresh()
+            return self
+        laid.parts = [self.rows(*laid.stored(i)) for i in range(len(edges) - 1)]
+        return laid
+
+    def refresh(self) -> None:
+        """Copies each strip's halo rows from the neighbours that own them."""
+        for i, part in enumerate(self.parts):
+            first, last = self.stored(i)
+            for a, b in ((first, self.edges[i]), (self.edges[i + 1], last)):
+                if a < b:
+                    j = i - 1 if a < self.edges[i] else i + 1
+                    src_first = self.stored(j)[0]
+                    part[:, :, a - first : b - first] = self.parts[j][
+                        :, :, a - src_first : b - src_first
+                    ]
+
+    def full(self) -> np.ndarray:
+        return self.parts[0] if len(self.parts) == 1 else self.rows(0, self.shape[2])
 
 
-def _region(kind: str, o0: int, o1: int, size: int) -> tuple[int, int, int, int]:
-    """For output core `[o0, o1)` along one axis: the input rows `[i0, i1)` to hand over, the zero
-    rows to append after them, and where the core starts in the segment's output."""
-    if kind == "same":  # 3x3, padding 1: one sample of halo on each side inside the image
-        i0, i1 = max(0, o0 - 1), min(size, o1 + 1)
-        return i0, i1, 0, o0 - i0
-    if kind == "up":  # nearest 2x then 3x3: the halo, halved (rounded outward)
-        i0, i1 = max(0, (o0 - 1) // 2), min(size, (o1 + 2) // 2)
-        return i0, i1, 0, o0 - 2 * i0
-    if kind == "down":  # diffusers pads (0, 1) and convolves 3x3 with stride 2, padding 0
-        i0, end = 2 * o0, 2 * o1 + 1
-        i1 = min(size, end)
-        return i0, i1, end - i1, 0
-    return o0, o1, 0, 0  # point
+def _strip_edges(height: int, width: int, area: int, even: bool) -> list[int]:
+    """Row strips of at most `area` samples (one row at least; an even count when `even`)."""
+    rows = max(1, area // width)
+    if even:
+        rows = max(2, rows // 2 * 2)
+    return [*range(0, height, rows), height]
 
 
 def _out_size(kind: str, size: int) -> int:
@@ -91,6 +174,11 @@ class ExactProgram:
                 if step.get(key):
                     self.last_use[step[key]] = i
 
+    @staticmethod
+    def runs(steps: Sequence[dict[str, Any]]) -> bool:
+        """Whether `steps` are segments this program runs (exports before row strips are not)."""
+        return bool(steps) and all(step.get("layout") == LAYOUT for step in steps)
+
     def run(
         self,
         x: np.ndarray,
@@ -101,89 +189,67 @@ class ExactProgram:
         record: list[Stats] | None = None,
     ) -> np.ndarray:
         """`tile`: the core tile's side in samples at the resolution `reference` (the image's
-        height in pixels); each step's tiles scale with its own resolution. `record`: a list that
-        receives each norm step's statistics, in order (fast tiling's downscaled pass)."""
-        maps: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x, dtype=np.float32)}
+        height in pixels); each step runs on full-width row strips of that tile's area at its
+        own resolution. `record`: a list that receives each norm step's statistics, in order
+        (fast tiling's downscaled pass)."""
+        maps: dict[str, Strips] = {"x": Strips.whole(x)}
         out = maps["x"]
         for i, step in enumerate(self.steps):
             src = maps[step["input"]]
-            if step["op"] == "attend":
-                out = self._attend(src, step, cancel)
+            check_cancelled(cancel)
+            if step["op"] == "attend":  # over all positions at once: no score matrix is held
+                (y,) = self.session(step["file"]).run(None, {"x": src.full()})
+                out = Strips.whole(y)
             else:
-                given: Stats | None = None
-                if step.get("norm"):
-                    given = group_stats(src, **step["norm"])
-                    if record is not None:
-                        record.append(given)
-                res = maps[step["res"]] if step.get("res") else None
-                out = self._conv(src, res, step, tile, reference, cancel, given)
+                out = self._conv(src, maps, step, tile, reference, cancel, record)
             maps[step["output"]] = out
             for key in ("input", "res"):
                 name = step.get(key)
                 if name and self.last_use.get(name) == i:
                     maps.pop(name, None)
-        return out
+        return out.full()
 
     def _conv(
         self,
-        src: np.ndarray,
-        res: np.ndarray | None,
+        src: Strips,
+        maps: dict[str, Strips],
         step: dict[str, Any],
         tile: int,
         reference: int,
         cancel: threading.Event | None,
-        stats: Stats | None = None,
-    ) -> np.ndarray:
+        record: list[Stats] | None,
+    ) -> Strips:
         kind = step["kind"]
-        n, _, h, w = src.shape
+        _, _, h, w = src.shape
         oh, ow = _out_size(kind, h), _out_size(kind, w)
-        out = np.empty((n, step["out_channels"], oh, ow), np.float32)
+        edges = _strip_edges(oh, ow, (tile * oh // reference) ** 2, even=kind == "up")
+        # Halo rows each output strip is computed with: a 3x3 reads one beyond its own; "up"
+        # keeps two (whole input rows make pairs of output rows); "point" keeps its input's.
+        halo = {"same": max(1, src.halo), "point": src.halo, "down": 1, "up": 2}[kind]
+        if kind in ("same", "point"):
+            src = src.laid_out(edges, halo)
+        out = Strips((src.shape[0], step["out_channels"], oh, ow), edges, halo, [])
         feed: dict[str, np.ndarray] = {}
-        if stats is not None:
-            feed["mean"], feed["rstd"] = stats
+        if step.get("norm"):
+            feed["mean"], feed["rstd"] = strip_stats(src.owned(), **step["norm"])
+            if record is not None:
+                record.append((feed["mean"], feed["rstd"]))
+        res = maps[step["res"]].laid_out(edges, out.halo) if step.get("res") else None
         session = self.session(step["file"])
-        core = max(1, tile * oh // reference)
-        for y0, y1 in _cores(oh, core):
-            iy0, iy1, pad_y, cy = _region(kind, y0, y1, h)
-            for x0, x1 in _cores(ow, core):
-                check_cancelled(cancel)
-                ix0, ix1, pad_x, cx = _region(kind, x0, x1, w)
-                piece = src[:, :, iy0:iy1, ix0:ix1]
-                if pad_y or pad_x:
-                    piece = np.pad(piece, ((0, 0), (0, 0), (0, pad_y), (0, pad_x)))
-                feed["x"] = np.ascontiguousarray(piece)
-                if res is not None:  # the residual over the segment's whole output region
-                    ry0, rx0 = y0 - cy, x0 - cx
-                    ry1 = ry0 + (iy1 - iy0) * (2 if kind == "up" else 1)
-                    rx1 = rx0 + (ix1 - ix0) * (2 if kind == "up" else 1)
-                    feed["res"] = np.ascontiguousarray(res[:, :, ry0:ry1, rx0:rx1])
-                (y,) = session.run(None, feed)
-                out[:, :, y0:y1, x0:x1] = y[:, :, cy : cy + y1 - y0, cx : cx + x1 - x0]
+        for i in range(len(edges) - 1):
+            check_cancelled(cancel)
+            r0, r1 = out.stored(i)
+            if kind == "down":  # the stride-2 3x3 reads rows 2 r0 .. 2 r1 (the graph pads one)
+                feed["x"] = src.rows(2 * r0, min(h, 2 * r1 + 1))
+            elif kind == "up":  # nearest 2x from even rows: input rows r0 / 2 .. r1 / 2
+                feed["x"] = src.rows(r0 // 2, r1 // 2)
+            else:
+                feed["x"] = src.parts[i]
+            if res is not None:
+                feed["res"] = res.parts[i]
+            (y,) = session.run(None, feed)
+            out.parts.append(y)
         return out
-
-    def _attend(
-        self, qkv: np.ndarray, step: dict[str, Any], cancel: threading.Event | None
-    ) -> np.ndarray:
-        """softmax(q k^T * scale) v over all positions, one block of queries at a time."""
-        n, c3, h, w = qkv.shape
-        c, heads = c3 // 3, step["heads"]
-        d, tokens = c // heads, h * w
-        flat = qkv.reshape(n, 3, heads, d, tokens)
-        out = np.empty((n, heads, d, tokens), np.float32)
-        block = max(1, SCORE_ELEMENTS // tokens)
-        scale = np.float32(step["scale"])
-        for i in range(n):
-            for head in range(heads):
-                q = np.ascontiguousarray(flat[i, 0, head].T) * scale  # [tokens, d]
-                k, v = flat[i, 1, head], flat[i, 2, head]  # [d, tokens]
-                for s in range(0, tokens, block):
-                    check_cancelled(cancel)
-                    scores = q[s : s + block] @ k
-                    scores -= scores.max(axis=1, keepdims=True)
-                    np.exp(scores, out=scores)
-                    scores /= scores.sum(axis=1, keepdims=True)
-                    out[i, head, :, s : s + block] = (scores @ v.T).T
-        return out.reshape(n, c, h, w)
 
 
 def _area_matrix(size: int, out: int) -> np.ndarray:

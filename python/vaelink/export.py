@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from .cards import (
     read_config,
 )
 from .errors import UnknownModelError, VaelinkError, VaelinkWarning
-from .export_segments import export_segments, has_segments
+from .export_segments import MS_DOMAIN, export_segments, has_segments
 from .exports import (
     MANIFEST,
     Manifest,
@@ -84,6 +85,83 @@ def _graphs(vae: Any) -> tuple[Any, Any]:
     return Encoder().eval(), Decoder().eval()
 
 
+def _attention_processor() -> Any:
+    """A diffusers attention processor for exporting: the mid-block's self-attention becomes ONNX
+    Runtime's MultiHeadAttention (flash attention on the CPU, memory-efficient kernels on CUDA), so
+    a large image's graph never holds its `(h*w)^2` scores (16 GiB at 2048 x 2048 in float32)."""
+    torch = _require_torch()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class MultiHeadAttention(torch.autograd.Function):  # type: ignore[name-defined]
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, heads: int) -> Any:
+            b, tokens, channels = q.shape
+
+            def split(t: Any) -> Any:
+                return t.view(b, tokens, heads, channels // heads).transpose(1, 2)
+
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+            return out.transpose(1, 2).reshape(b, tokens, channels)
+
+        @staticmethod
+        def symbolic(g: Any, q: Any, k: Any, v: Any, heads: int) -> Any:
+            # The scale is the op's default, 1/sqrt(head size): diffusers' processor passes none.
+            out = g.op(f"{MS_DOMAIN}::MultiHeadAttention", q, k, v, num_heads_i=heads)
+            out.setType(q.type())  # the output is shaped like q: later shapes stay inferred
+            return out
+
+    class Processor(AttnProcessor2_0):
+        def __call__(
+            self,
+            attn: Any,
+            hidden: Any,
+            encoder_hidden_states: Any = None,
+            attention_mask: Any = None,
+            temb: Any = None,
+            *args: Any,
+            **kw: Any,
+        ) -> Any:
+            if not _plain_self_attention(attn, hidden, encoder_hidden_states, attention_mask):
+                return super().__call__(
+                    attn, hidden, encoder_hidden_states, attention_mask, temb, *args, **kw
+                )
+            b, c, h, w = hidden.shape
+            x = attn.group_norm(hidden.view(b, c, h * w)).transpose(1, 2)  # [b, hw, c]
+            out = MultiHeadAttention.apply(attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.heads)
+            out = attn.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+            return (out + hidden) / attn.rescale_output_factor
+
+    return Processor()
+
+
+def _plain_self_attention(attn: Any, hidden: Any, context: Any, mask: Any) -> bool:
+    """The VAE mid-block's kind: self-attention over a 4-D map, group norm, residual, no extras."""
+    return (
+        hidden.ndim == 4
+        and context is None
+        and mask is None
+        and attn.group_norm is not None
+        and attn.residual_connection
+        and attn.spatial_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+    )
+
+
+@contextmanager
+def _onnx_attention(vae: Any) -> Iterator[None]:
+    """`vae`'s attention exported as MultiHeadAttention, its own processors restored after."""
+    if not hasattr(vae, "attn_processors"):
+        yield
+        return
+    saved = vae.attn_processors
+    vae.set_attn_processor(_attention_processor())
+    try:
+        yield
+    finally:
+        vae.set_attn_processor(saved)
+
+
 def _export_graph(module: Any, example: Any, path: Path, input_name: str, output_name: str) -> None:
     import warnings
 
@@ -102,6 +180,7 @@ def _export_graph(module: Any, example: Any, path: Path, input_name: str, output
             input_names=[input_name],
             output_names=[output_name],
             dynamic_axes={input_name: axes, output_name: axes},
+            custom_opsets={MS_DOMAIN: 1},
         )
 
 
@@ -159,7 +238,8 @@ def export_vae(
             "decoder": (decoder, torch.zeros(1, card.latent_channels, 8, 8), "latent", "image"),
         }
         for part, (module, example, inp, out) in parts.items():
-            _export_graph(module, example, work / f"{part}-float32.onnx", inp, out)
+            with _onnx_attention(vae):
+                _export_graph(module, example, work / f"{part}-float32.onnx", inp, out)
             if "float16" in variants:
                 _to_float16(work / f"{part}-float32.onnx", work / f"{part}-float16.onnx")
             if "float16-cuda" in variants:

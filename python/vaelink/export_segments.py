@@ -5,7 +5,9 @@ and the mid-block attention sees every position. So each graph is cut at its nor
 a segment takes its input map and, when it starts with a GroupNorm, the whole-image per-channel mean
 and reciprocal std as graph inputs; the host runs it tile by tile with a halo and reduces the next
 norm's statistics between segments. Between two cuts there is at most one 3x3 convolution, so a
-halo of one sample (two below a 2x upsample) covers the receptive field.
+halo of one sample (two below a 2x upsample) covers the receptive field. The mid-block attention
+is a segment of its own, run once over all positions with ONNX Runtime's MultiHeadAttention (flash
+attention on the CPU: no score matrix is ever held).
 
 Fast tiling runs every tile through the whole part at once: beside the segments, each part gets one
 fused graph, the segments inlined in order with every norm's mean and rstd as graph inputs
@@ -22,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from .exact import LAYOUT
 from .exports import sha256_file
 
 __all__ = ["export_segments", "has_segments"]
 
 OPSET = 17
 IR_VERSION = 8
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 
 
 def has_segments(vae: Any) -> bool:
@@ -122,14 +126,14 @@ class _Builder:
                 )
             )
             h = "up"
-        # "same"/"up": the graph pads like the model (1 px), the host drops the ring that saw the
-        # tile's edge; "down": the host hands over exactly the rows the stride-2 conv reads.
-        pad = (k - 1) // 2 if kind in ("same", "up", "point") else 0
+        # The graph pads as the model does: each row strip (`vaelink.exact`) carries halo rows
+        # beyond its own, and an output row next to a strip's edge is thrown away. "down":
+        # diffusers pads (0, 1) before its stride-2 convolution.
+        pad = (k - 1) // 2
         stride = 2 if kind == "down" else 1
+        pads = [0, 0, 1, 1] if kind == "down" else [pad] * 4
         nodes.append(
-            helper.make_node(
-                "Conv", [h, "W", "B"], ["conv"], pads=[pad] * 4, strides=[stride, stride]
-            )
+            helper.make_node("Conv", [h, "W", "B"], ["conv"], pads=pads, strides=[stride, stride])
         )
         h = "conv"
         if res is not None:
@@ -159,7 +163,7 @@ class _Builder:
         rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
         path = _save(graph, self.folder / rel)
         out = self._buffer()
-        self._inline(graph, src, res, out, kind)
+        self._inline(graph, src, res, out)
         self.steps.append(
             {
                 "op": "conv",
@@ -171,6 +175,7 @@ class _Builder:
                 if norm is None
                 else {"groups": int(norm.num_groups), "eps": float(norm.eps)},
                 "out_channels": int(w.shape[0]),
+                "layout": LAYOUT,
                 "file": rel,
                 "bytes": path.stat().st_size,
                 "sha256": sha256_file(path),
@@ -178,11 +183,10 @@ class _Builder:
         )
         return out
 
-    def _inline(self, graph: Any, src: str, res: str | None, out: str, kind: str) -> None:
+    def _inline(self, graph: Any, src: str, res: str | None, out: str) -> None:
         """Appends one segment to the fused graph: its tensors prefixed, its inputs wired to the
-        maps they read, its statistics to new graph inputs, and the host's work done in-graph
-        (the zero row and column a "down" step is handed)."""
-        from onnx import TensorProto, helper, numpy_helper
+        maps they read, its statistics to new graph inputs."""
+        from onnx import TensorProto, helper
 
         prefix = f"s{len(self.steps) - 1}_"
         names = {"": "", "x": src, "y": out}
@@ -197,14 +201,6 @@ class _Builder:
                 )
         if "mean" in names:
             self.norms += 1
-        if kind == "down":  # diffusers pads (0, 1) before its stride-2 conv
-            names["x"] = prefix + "padded"
-            self.fused_inits.append(
-                numpy_helper.from_array(
-                    np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), prefix + "pads"
-                )
-            )
-            self.fused_nodes.append(helper.make_node("Pad", [src, prefix + "pads"], [names["x"]]))
         for init in graph.initializer:
             renamed = type(init)()
             renamed.CopyFrom(init)
@@ -219,41 +215,6 @@ class _Builder:
             copy.output.extend(names.get(n, prefix + n) for n in node.output)
             copy.name = f"{prefix}{node.name or node.op_type}_{len(self.fused_nodes)}"
             self.fused_nodes.append(copy)
-
-    def _fused_attention(self, qkv: str, out: str, heads: int, head_dim: int, scale: float) -> None:
-        """softmax(q k^T * scale) v over the tile's positions, in the fused graph."""
-        from onnx import helper, numpy_helper
-
-        p = f"s{len(self.steps) - 1}_"
-        c = heads * head_dim
-
-        def const(name: str, values: list[int]) -> str:
-            self.fused_inits.append(numpy_helper.from_array(np.array(values, np.int64), p + name))
-            return p + name
-
-        node = helper.make_node
-        self.fused_inits.append(numpy_helper.from_array(np.array(scale, np.float32), p + "scale"))
-        self.fused_nodes += [
-            node("Shape", [qkv], [p + "shape"]),
-            node("Slice", [p + "shape", const("s0", [0]), const("s1", [1])], [p + "n"]),
-            node("Slice", [p + "shape", const("s2", [2]), const("s4", [4])], [p + "hw"]),
-            node("Concat", [p + "n", const("split", [3, heads, head_dim, -1])], [p + "5d"], axis=0),
-            node("Concat", [p + "n", const("c", [c]), p + "hw"], [p + "4d"], axis=0),
-            node("Reshape", [qkv, p + "5d"], [p + "heads"]),
-            node("Split", [p + "heads"], [p + "q1", p + "k1", p + "v1"], axis=1),
-        ]
-        axis = const("axis", [1])
-        for t in ("q", "k", "v"):
-            self.fused_nodes.append(node("Squeeze", [p + t + "1", axis], [p + t]))
-        self.fused_nodes += [
-            node("Transpose", [p + "q"], [p + "qt"], perm=[0, 1, 3, 2]),  # [n, heads, hw, d]
-            node("Mul", [p + "qt", p + "scale"], [p + "qs"]),
-            node("MatMul", [p + "qs", p + "k"], [p + "scores"]),  # [n, heads, hw, hw]
-            node("Softmax", [p + "scores"], [p + "weights"], axis=-1),
-            node("Transpose", [p + "weights"], [p + "wt"], perm=[0, 1, 3, 2]),
-            node("MatMul", [p + "v", p + "wt"], [p + "attended"]),  # [n, heads, d, hw]
-            node("Reshape", [p + "attended", p + "4d"], [out]),
-        ]
 
     def fused(self) -> dict[str, Any]:
         """Writes `fast-<part>.onnx`; its manifest entry."""
@@ -299,14 +260,7 @@ class _Builder:
         qkv = self.conv(
             src, attn.to_q, kind="point", norm=attn.group_norm, act=False, weight=w, bias=b
         )
-        heads = int(attn.heads)
-        out = self._buffer()
-        # F.scaled_dot_product_attention's default scale (diffusers' processor passes none).
-        head_dim = w.shape[0] // 3 // heads
-        self.steps.append(
-            {"op": "attend", "input": qkv, "output": out, "heads": heads, "scale": head_dim**-0.5}
-        )
-        self._fused_attention(qkv, out, heads, head_dim, head_dim**-0.5)
+        out = self._attend(qkv, heads=int(attn.heads), channels=w.shape[0] // 3)
         if not attn.residual_connection:
             raise NotImplementedError("attention without a residual connection")
         return self.conv(
@@ -317,6 +271,41 @@ class _Builder:
             out_scale=float(attn.rescale_output_factor),
         )
 
+    def _attend(self, qkv: str, *, heads: int, channels: int) -> str:
+        """The attention step: one segment run once over the whole map (ONNX Runtime's
+        MultiHeadAttention: flash attention on the CPU, memory-efficient kernels on CUDA, so no
+        score matrix is held), and the same nodes in the fused graph over a tile's positions."""
+        from onnx import TensorProto, helper
+
+        nodes, inits = attention_nodes("x", "y", heads=heads, channels=channels)
+        graph = helper.make_graph(
+            nodes,
+            f"{self.part}_{len(self.steps)}",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3 * channels, "h", "w"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", channels, "h", "w"])],
+            inits,
+        )
+        rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
+        path = _save(graph, self.folder / rel)
+        out = self._buffer()
+        prefix = f"a{len(self.steps)}_"
+        nodes, inits = attention_nodes(qkv, out, heads=heads, channels=channels, prefix=prefix)
+        self.fused_nodes += nodes
+        self.fused_inits += inits
+        self.steps.append(
+            {
+                "op": "attend",
+                "input": qkv,
+                "output": out,
+                "heads": heads,
+                "layout": LAYOUT,
+                "file": rel,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+        return out
+
     def mid(self, src: str, mid: Any) -> str:
         h = self.resnet(src, mid.resnets[0])
         for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
@@ -326,10 +315,53 @@ class _Builder:
         return h
 
 
+def attention_nodes(
+    qkv: str, out: str, *, heads: int, channels: int, prefix: str = ""
+) -> tuple[list[Any], list[Any]]:
+    """Nodes (and their constants) computing softmax(q k^T / sqrt(d)) v from `qkv` `[n, 3C, h, w]`
+    (q, k and v stacked on channels, heads within each) into `out` `[n, C, h, w]`, with ONNX
+    Runtime's MultiHeadAttention over the `h * w` positions; `prefix` names the tensors."""
+    from onnx import helper, numpy_helper
+
+    def name(n: str) -> str:
+        return prefix + n
+
+    inits = [
+        numpy_helper.from_array(np.array([0, 3 * channels, -1], np.int64), name("flat")),
+        numpy_helper.from_array(np.array([0], np.int64), name("s0")),
+        numpy_helper.from_array(np.array([1], np.int64), name("s1")),
+        numpy_helper.from_array(np.array([2], np.int64), name("s2")),
+        numpy_helper.from_array(np.array([4], np.int64), name("s4")),
+        numpy_helper.from_array(np.array([channels], np.int64), name("c")),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Reshape", [qkv, name("flat")], [name("tokens_first")]),  # [n, 3C, hw]
+        node("Transpose", [name("tokens_first")], [name("tokens")], perm=[0, 2, 1]),
+        node("Split", [name("tokens")], [name("q"), name("k"), name("v")], axis=2),
+        node(
+            "MultiHeadAttention",
+            [name("q"), name("k"), name("v")],
+            [name("attended")],  # [n, hw, C]
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            scale=float((channels // heads) ** -0.5),  # F.scaled_dot_product_attention's default
+        ),
+        node("Transpose", [name("attended")], [name("channels_first")], perm=[0, 2, 1]),
+        node("Shape", [qkv], [name("shape")]),
+        node("Slice", [name("shape"), name("s0"), name("s1")], [name("n")]),
+        node("Slice", [name("shape"), name("s2"), name("s4")], [name("hw")]),
+        node("Concat", [name("n"), name("c"), name("hw")], [name("4d")], axis=0),
+        node("Reshape", [name("channels_first"), name("4d")], [out]),
+    ]
+    return nodes, inits
+
+
 def _save(graph: Any, path: Path) -> Path:
     from onnx import helper
 
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = IR_VERSION
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(model.SerializeToString())

@@ -1,6 +1,8 @@
 //! GroupNorm statistics over a whole activation map, for exact tiling: every tile of a step is
 //! normalised with the image's statistics, not its own, so they are reduced here once per step.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::error::{tensor_err, Result};
@@ -28,17 +30,48 @@ pub fn group_stats(x: &[f32], batch: usize, groups: usize, eps: f64) -> Result<G
             x.len()
         );
     }
+    let per_group = x.len() / (batch * groups);
+    group_stats_window(x, batch, groups, 0..per_group, groups, eps)
+}
+
+/// The statistics of the elements `window` of every channel plane of `x`, a contiguous
+/// `[N, C, plane]` map: a row strip stored with halo rows counts only its own rows
+/// (`r0 * W .. r1 * W`).
+pub fn group_stats_window(
+    x: &[f32],
+    batch: usize,
+    channels: usize,
+    window: Range<usize>,
+    groups: usize,
+    eps: f64,
+) -> Result<GroupStats> {
+    if batch == 0 || channels == 0 || groups == 0 || channels % groups != 0 {
+        return tensor_err!("{channels} channels do not split into {groups} equal groups");
+    }
+    if x.is_empty() || x.len() % (batch * channels) != 0 {
+        return tensor_err!("{} elements are not {batch} x {channels} planes", x.len());
+    }
+    let plane = x.len() / (batch * channels);
+    if window.is_empty() || window.end > plane {
+        return tensor_err!("window {window:?} is not inside planes of {plane} elements");
+    }
     if !(eps >= 0.0 && eps.is_finite()) {
         return tensor_err!("eps must be a finite non-negative number, got {eps}");
     }
-    let per_group = x.len() / (batch * groups);
-    let (mean, rstd) = x
-        .par_chunks_exact(per_group)
+    let per_group = channels / groups;
+    let n = (per_group * window.len()) as f64;
+    let (mean, rstd) = (0..batch * groups)
+        .into_par_iter()
         .map(|group| {
-            let n = group.len() as f64;
-            let mean = blocked_sum(group, |v| v) / n;
+            let planes = x[group * per_group * plane..(group + 1) * per_group * plane]
+                .chunks_exact(plane)
+                .map(|p| &p[window.clone()]);
+            let mean = planes.clone().map(|p| blocked_sum(p, |v| v)).sum::<f64>() / n;
             let m = mean as f32;
-            let centred = blocked_sum(group, |v| (v - m) * (v - m)) / n;
+            let centred = planes
+                .map(|p| blocked_sum(p, |v| (v - m) * (v - m)))
+                .sum::<f64>()
+                / n;
             // The float32 mean's rounding, corrected: E[(x - m)^2] = var + (mean - m)^2.
             let shift = mean - f64::from(m);
             let variance = (centred - shift * shift).max(0.0);
@@ -131,6 +164,29 @@ mod tests {
         for r in stats.rstd {
             assert!((f64::from(r) - 1e3).abs() < 1e-2);
         }
+    }
+
+    #[test]
+    fn a_window_counts_only_its_rows() {
+        // 2 items, 8 channels of 6 x 5 in 4 groups: rows 1..4 of each plane against the same
+        // rows copied out on their own.
+        let (batch, channels, h, w) = (2, 8, 6, 5);
+        let x = pseudo_random(batch * channels * h * w, 3.0);
+        let rows: Vec<f32> = x
+            .chunks_exact(h * w)
+            .flat_map(|plane| plane[w..4 * w].iter().copied())
+            .collect();
+        let windowed = group_stats_window(&x, batch, channels, w..4 * w, 4, 1e-6).unwrap();
+        let copied = group_stats(&rows, batch, 4, 1e-6).unwrap();
+        for (a, b) in windowed.mean.iter().zip(&copied.mean) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0));
+        }
+        for (a, b) in windowed.rstd.iter().zip(&copied.rstd) {
+            assert!((a - b).abs() <= 1e-5 * b);
+        }
+        assert!(group_stats_window(&x, batch, channels, 0..h * w + 1, 4, 1e-6).is_err());
+        assert!(group_stats_window(&x, batch, channels, 3..3, 4, 1e-6).is_err());
+        assert!(group_stats_window(&x, batch, 7, 0..5, 4, 1e-6).is_err());
     }
 
     #[test]

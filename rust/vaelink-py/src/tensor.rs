@@ -320,19 +320,36 @@ fn deserialize_safetensors<'py>(
 
 type F32Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
-/// GroupNorm's per-group mean and 1/std over a whole contiguous float32 `[N, C, H, W]` map, as two
-/// float32 `[N, groups]` arrays.
+/// GroupNorm's per-group mean and 1/std over a contiguous float32 `[N, C, H, W]` map, as two
+/// float32 `[N, groups]` arrays; `rows` `(r0, r1)`: only those rows count (a strip's own rows,
+/// not its halo).
 #[pyfunction]
+#[pyo3(signature = (x, groups, eps, rows = None))]
 fn group_stats<'py>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, f32>,
     groups: usize,
     eps: f64,
+    rows: Option<(usize, usize)>,
 ) -> PyResult<(F32Array<'py>, F32Array<'py>)> {
-    let batch = x.shape().first().copied().unwrap_or(0);
+    let &[batch, channels, height, width] = x.shape() else {
+        return Err(tensor_error(format!(
+            "group_stats takes an [N, C, H, W] map, got shape {:?}",
+            x.shape()
+        )));
+    };
+    let (r0, r1) = rows.unwrap_or((0, height));
+    if r0 >= r1 || r1 > height {
+        return Err(tensor_error(format!(
+            "rows ({r0}, {r1}) are not inside {height} rows"
+        )));
+    }
     let data = contiguous(&x)?;
     let stats = py
-        .detach(|| group_norm::group_stats(data, batch, groups, eps))
+        .detach(|| {
+            let window = r0 * width..r1 * width;
+            group_norm::group_stats_window(data, batch, channels, window, groups, eps)
+        })
         .py()?;
     Ok((
         to_numpy(py, stats.mean, &[batch, groups])?,
