@@ -15,11 +15,13 @@ exact tiling matches untiled. It records each size's first-call latency on a fre
 algorithm search, per cuDNN search mode on CUDA) besides the medians. `--plan medium:64` on the
 CPU rehearses the whole GPU script in a minute.
 
-    python benches/bench_engine.py --exact medium:1024:512   # exact tiling vs untiled, CONFIG:SIZE:TILE
+    python benches/bench_engine.py --exact sd:1024:512   # exact tiling vs untiled, CONFIG:SIZE:TILE
 
 Exact tiling (`vaelink.exact`) against the untiled engine on the same engine and inputs: A/B runs
 interleaved (so drift from other load hits both), medians, time per pixel and the largest relative
-difference. Results: benches/results/engine-exact-<device>-<machine>.json.
+difference; and each one's difference from diffusers' own untiled pass on the same weights, in
+float32 and in float64 (the float64 decode only up to 512 pixels: at 1024 it needs over 24 GiB).
+Results: benches/results/engine-exact-<device>-<machine>.json.
 
     python benches/bench_engine.py --tiling medium:1024:512 --reps 3   # every tiling mode
     python benches/bench_engine.py --tiling medium:1024:512 \
@@ -30,10 +32,14 @@ torch on the CPU with ONNX Runtime's thread count), encode and decode, repetitio
 (A, B, C, ... rotated each round), medians, time per pixel and its ratio to untiled, each mode's
 error against untiled (largest difference / largest magnitude; PSNR of the uint8 decode), and the
 peak memory of one call in a fresh subprocess per mode (VmHWM after resetting it, less VmRSS before
-the call). The first mode is the reference of times and errors: at 2048 the untiled graph's
-attention scores alone (65536 positions squared, float32: 16 GiB, and softmax's copy) do not fit a
-24 GiB machine, so exact, equal to untiled up to 1e-5, stands in for it there.
+the call). The first mode is the reference of times and errors (untiled by default: its attention
+is ONNX Runtime's flash attention, so a 2048 x 2048 image runs untiled in 24 GiB).
 Results: benches/results/engine-tiling-<machine>.json.
+
+    python benches/bench_engine.py --peak medium:4096:512:decode:exact   # CONFIG:SIZE:TILE:PART:MODE
+
+One call in a fresh process: its time and peak memory (VmHWM growth, as above), for sizes too
+slow to repeat. Results: benches/results/engine-peak-cpu-<machine>.json.
 
     python benches/bench_engine.py --precision sd:256,512 --reps 5   # bfloat16 on the CPU
 
@@ -358,19 +364,36 @@ def tiled_decode(folder: Path, size: int, reference_size: int) -> dict[str, floa
 
 
 def exact_tiling(config: str, size: int, tile: int, folder: Path, reps: int) -> dict[str, Any]:
-    """Exact-tiled vs untiled encode and decode, interleaved A/B repetitions, medians."""
+    """Exact-tiled vs untiled encode and decode, interleaved A/B repetitions, medians; each one's
+    largest difference from diffusers' untiled pass on the same weights, in float32 and float64."""
     import statistics
+
+    import torch
 
     from vaelink.cards import get_card
     from vaelink.engine import Engine
     from vaelink.export import export_vae
 
-    export = export_vae(build_vae(config), get_card("sd15"), folder / config, variants=("float32",))
+    vae, card = build_vae(config), get_card("sd15")
+    export = export_vae(vae, card, folder / config, variants=("float32",))
     engine = Engine(export, provider="cpu", tile_size=tile)
     rng = np.random.default_rng(size)
     image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     latents = rng.standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
     row: dict[str, Any] = {"config": config, "size": size, "tile": tile, "reps": reps}
+    # References on the same weights: diffusers' own untiled pass in float32, and in float64
+    # (the truth, up to 1e-15; a float64 decode above 512 pixels does not fit in 24 GiB).
+    references: dict[str, dict[str, np.ndarray]] = {"diffusers": {}, "float64": {}}
+    x = torch.from_numpy(2 * image.astype(np.float64) / 255 - 1).permute(0, 3, 1, 2)
+    z = torch.from_numpy(latents.astype(np.float64) / card.scaling_factor)
+    with torch.no_grad():
+        for name, dtype in (("diffusers", torch.float32), ("float64", torch.float64)):
+            model = vae.to(dtype)
+            mean = model.encode(x.to(dtype)).latent_dist.mean
+            references[name]["encode"] = mean.double().numpy() * card.scaling_factor
+            if dtype == torch.float32 or size <= 512:
+                references[name]["decode"] = model.decode(z.to(dtype)).sample.double().numpy()
+        vae.to(torch.float32)
     for part, run in (
         ("encode", lambda **kw: engine.encode(image, **kw)),
         ("decode", lambda **kw: engine.decode(latents, output="float", **kw)),
@@ -392,6 +415,14 @@ def exact_tiling(config: str, size: int, tile: int, folder: Path, reps: int) -> 
             "exact_vs_untiled_time": exact / untiled,
             "max_abs_diff_rel": float(diff / np.abs(results["untiled"]).max()),
         }
+        for name, ref in references.items():
+            if part in ref:
+                for mode in ("untiled", "exact"):
+                    row[part][f"{mode}_vs_{name}"] = rel(results[mode], ref[part])
+        if "float64" in references and part in references["float64"]:
+            row[part]["diffusers_vs_float64"] = rel(
+                references["diffusers"][part], references["float64"][part]
+            )
         print(config, size, tile, part, row[part], flush=True)
     return row
 
@@ -454,9 +485,31 @@ def memory_child(spec: str, folder: Path) -> None:
     encode, decode = tiling_setup(config, int(size), int(tile), folder, mode)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = status_kib("VmRSS")
+    t0 = time.perf_counter()
     (encode if part == "encode" else decode)()
+    seconds = time.perf_counter() - t0
     peak = status_kib("VmHWM")
-    print(json.dumps({"rss_before_mib": before / 1024, "peak_growth_mib": (peak - before) / 1024}))
+    print(
+        json.dumps(
+            {
+                "rss_before_mib": before / 1024,
+                "peak_growth_mib": (peak - before) / 1024,
+                "seconds": seconds,
+            }
+        )
+    )
+
+
+def peak_memory(spec: str, folder: Path) -> dict[str, float]:
+    """`memory_child` in a fresh process: one call's peak RSS growth and its time."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--memory-child", spec, "--folder", str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
 
 
 def uint8(x: np.ndarray) -> np.ndarray:
@@ -466,8 +519,8 @@ def uint8(x: np.ndarray) -> np.ndarray:
 def tiling_modes(
     config: str, size: int, tile: int, folder: Path, reps: int, modes: tuple[str, ...]
 ) -> dict[str, Any]:
-    """`modes` vs the first of them (untiled, or exact where untiled does not fit in memory),
-    encode and decode, rotated interleaved repetitions, medians."""
+    """`modes` vs the first of them (untiled by default), encode and decode, rotated interleaved
+    repetitions, medians."""
     import statistics
 
     import torch
@@ -522,14 +575,9 @@ def tiling_modes(
                 flush=True,
             )
         for mode in modes:
-            spec = f"{config}:{size}:{tile}:{part}:{mode}"
-            child = subprocess.run(
-                [sys.executable, __file__, "--memory-child", spec, "--folder", str(folder)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            result[mode].update(json.loads(child.stdout.strip().splitlines()[-1]))
+            peak = peak_memory(f"{config}:{size}:{tile}:{part}:{mode}", folder)
+            peak.pop("seconds")  # one cold call: the interleaved medians above are the times
+            result[mode].update(peak)
             print(part, mode, "peak growth MiB", round(result[mode]["peak_growth_mib"]), flush=True)
         row[part] = result
     return row
@@ -547,11 +595,22 @@ def main() -> None:
     parser.add_argument(
         "--plan", metavar="CONFIG:SIZE,SIZE", action="append", help="configs and sizes to run"
     )
+    parser.add_argument(
+        "--peak",
+        metavar="CONFIG:SIZE:TILE:PART:MODE",
+        action="append",
+        help="one call in a fresh process: peak memory and time (medium:4096:512:decode:exact)",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, Path(args.folder))
+        return
+    if args.peak:
+        with tempfile.TemporaryDirectory() as tmp:
+            peaks = [{"spec": spec, **peak_memory(spec, Path(tmp))} for spec in args.peak]
+        print(f"wrote {write_results('engine-peak-cpu', {'device': 'cpu', 'peak': peaks})}")
         return
     if args.precision:
         config, sizes = args.precision.split(":")

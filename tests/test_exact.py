@@ -137,6 +137,18 @@ def test_models_without_segments(
         engine.encode(images, tile=True)
     with pytest.raises(EngineError, match="no segments"):
         engine.encode(images, tile=True, tiling="exact")
+    # Segments from before the row-strip layout (their graphs pad differently): the same.
+    older = ef.exported("sd15-like", tmp_path_factory).copy(tmp_path / "older")
+    data = json.loads((older / MANIFEST).read_text())
+    for steps in data["segments"].values():
+        for step in steps:
+            del step["layout"]
+    (older / MANIFEST).write_text(json.dumps(data))
+    engine = Engine(older, provider="cpu", tile_size=32)
+    with pytest.warns(UserWarning, match="predates exact tiling"):
+        engine.encode(images, tile=True)
+    with pytest.raises(EngineError, match="no segments"):
+        engine.decode(engine.encode(images), tile=True, tiling="fast")
     with pytest.raises(EngineError, match="unknown tiling"):
         engine.encode(images, tile=True, tiling="seamless")  # type: ignore[arg-type]
 

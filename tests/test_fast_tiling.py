@@ -130,7 +130,7 @@ def test_older_exports_without_fused_graphs(
 
 
 def test_fast_is_the_default_when_exact_does_not_fit(kl_small: Path, image: np.ndarray) -> None:
-    # 16 MiB: far below exact tiling's host maps of a 512 x 512 image (4 x 64 channels, float32).
+    # 16 MiB: far below exact tiling's host maps of a 512 x 512 image (6 x 64 channels, float32).
     engine = Engine(kl_small, provider="cpu", tile_size=TILE, memory_limit=16 << 20)
     z = engine.encode(image, tile=False)
     z = z[:, :, :32, :48]  # 256 x 384 pixels: quicker, and not square

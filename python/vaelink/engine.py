@@ -112,6 +112,12 @@ def available_memory() -> int:
     return 4 << 30
 
 
+# Full-resolution float32 maps exact tiling holds at its peak, in units of the widest one: a
+# resnet's input, its two outputs and the strips being gathered (measured 5.3 on a 4096 x 4096
+# decode of the medium benchmark model, 10.5 GiB; benches/results/engine-peak-cpu-vm-xeon.json).
+EXACT_HOST_MAPS = 6
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """Peak activation memory of one image through a graph, from the architecture's widths.
@@ -536,7 +542,7 @@ class Engine:
                     stacklevel=4,
                 )
             return "blended"
-        host = 4 * 4 * self.memory.full_res_channels * height * width
+        host = EXACT_HOST_MAPS * 4 * self.memory.full_res_channels * height * width
         budget = available_memory() // 2 if self.provider == "cuda" else self._budget()
         if tiling == "exact" or (tiling is None and host <= budget):
             return "exact"
