@@ -127,28 +127,28 @@ def test_models_without_segments(
     assert taesd.engine().manifest.segments == {}
     with pytest.raises(EngineError, match="no segments"):
         taesd.engine(tile_size=32).encode(images, tile=True, tiling="exact")
-    # An export from before exact tiling: blended with a note, or refused when exact is asked for.
-    old = ef.exported("sd15-like", tmp_path_factory).copy(tmp_path / "old")
-    data = json.loads((old / MANIFEST).read_text())
-    del data["segments"]
-    (old / MANIFEST).write_text(json.dumps(data))
-    engine = Engine(old, provider="cpu", tile_size=32)
-    with pytest.warns(UserWarning, match="predates exact tiling"):
-        engine.encode(images, tile=True)
-    with pytest.raises(EngineError, match="no segments"):
-        engine.encode(images, tile=True, tiling="exact")
-    # Segments from before the row-strip layout (their graphs pad differently): the same.
-    older = ef.exported("sd15-like", tmp_path_factory).copy(tmp_path / "older")
-    data = json.loads((older / MANIFEST).read_text())
-    for steps in data["segments"].values():
-        for step in steps:
-            del step["layout"]
-    (older / MANIFEST).write_text(json.dumps(data))
-    engine = Engine(older, provider="cpu", tile_size=32)
-    with pytest.warns(UserWarning, match="predates exact tiling"):
-        engine.encode(images, tile=True)
-    with pytest.raises(EngineError, match="no segments"):
-        engine.decode(engine.encode(images), tile=True, tiling="fast")
+
+    # An export from before exact tiling, and one whose segments predate the row-strip layout
+    # (their graphs pad differently): blended with a note, refused when exact or fast is asked for.
+    def without_segments(data: dict[str, Any]) -> None:
+        del data["segments"]
+
+    def without_layout(data: dict[str, Any]) -> None:
+        for steps in data["segments"].values():
+            for step in steps:
+                del step["layout"]
+
+    for name, edit in (("old", without_segments), ("older", without_layout)):
+        folder = ef.exported("sd15-like", tmp_path_factory).copy(tmp_path / name)
+        data = json.loads((folder / MANIFEST).read_text())
+        edit(data)
+        (folder / MANIFEST).write_text(json.dumps(data))
+        engine = Engine(folder, provider="cpu", tile_size=32)
+        with pytest.warns(UserWarning, match="predates exact tiling"):
+            engine.encode(images, tile=True)
+        for tiling in ("exact", "fast"):
+            with pytest.raises(EngineError, match="no segments"):
+                engine.encode(images, tile=True, tiling=tiling)
     with pytest.raises(EngineError, match="unknown tiling"):
         engine.encode(images, tile=True, tiling="seamless")  # type: ignore[arg-type]
 
