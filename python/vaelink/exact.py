@@ -1,15 +1,15 @@
 """Exact tiling: run an AutoencoderKL's segments (`vaelink.export_segments`) tile by tile so that the
 result equals the untiled pass up to floating-point summation order.
 
-Each step maps one full-resolution activation map held on the host (float32 numpy, in full-width row
-strips) to the next. A convolution step runs its ONNX segment on each output strip's input rows plus
-the halo rows it needs (a strip has a tile's area; the graph pads the columns, so its output is
-exactly the strip, kept as the runtime returned it); a step that starts with a GroupNorm first
-reduces that norm's per-group mean and variance over the whole map (float64 on the host) and hands
-them to every strip. The
-mid-block attention runs over all positions at latent resolution in one runtime call (ONNX Runtime's
-MultiHeadAttention: flash attention, scores are never held `N x N`). Only a strip and its halo, or
-the latent-resolution attention's input, ever go to the runtime.
+Each step maps one full-resolution activation map held on the host (float32 numpy, as full-width
+row strips of a tile's area, `Strips`) to the next. A convolution step runs its ONNX segment on
+each strip as stored, with the halo rows its 3x3 reads (the graph pads as the model does), and
+keeps the output as the runtime returned it; between convolutions only halo rows are copied. A step
+that starts with a GroupNorm first reduces that norm's per-group mean and variance over the whole
+map (float64 on the host) and hands them to every strip. The mid-block attention runs over all
+positions at latent resolution in one runtime call (ONNX Runtime's MultiHeadAttention: flash
+attention, scores are never held `N x N`). Only a strip and its halo, or the latent-resolution
+attention's input, ever go to the runtime.
 
 Fast tiling (`run_fast`, the idea of the "Tiled VAE" extension) trades exactness for memory and
 time: the chain runs once, untiled, on an area-downscaled copy of the input (its longer side about
@@ -34,7 +34,7 @@ __all__ = ["ExactProgram", "area_downscale", "group_stats", "run_fast"]
 
 Stats = tuple[np.ndarray, np.ndarray]
 WHOLE = 1 << 30  # a core tile larger than any map: each step runs once over the whole input
-LAYOUT = "rows"  # segments for full-width row strips: columns padded in-graph, rows by the host
+LAYOUT = "rows"  # segments for row strips with halo rows (older exports' segments cropped tiles)
 
 
 def group_stats(
@@ -144,7 +144,9 @@ class Strips:
 
 
 def _strip_edges(height: int, width: int, area: int, even: bool) -> list[int]:
-    """Row strips of at most `area` samples (one row at least; an even count when `even`)."""
+    """Row strips of at most `area` samples (one row at least; an even count when `even`). A map
+    wider than `area` samples (over 262144 pixels with 512-pixel tiles) gets strips of one row,
+    larger than a tile: not guarded, as no image is that wide."""
     rows = max(1, area // width)
     if even:
         rows = max(2, rows // 2 * 2)
