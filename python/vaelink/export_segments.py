@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .exact import LAYOUT
-from .exports import sha256_file
+from .exports import file_entry
 
 __all__ = ["export_segments", "has_segments"]
 
@@ -160,25 +160,35 @@ class _Builder:
             "y", TensorProto.FLOAT, [dims[0], w.shape[0], "H", "W"]
         )
         graph = helper.make_graph(nodes, f"{self.part}_{len(self.steps)}", inputs, [output], inits)
-        rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
-        path = _save(graph, self.folder / rel)
-        out = self._buffer()
-        self._inline(graph, src, res, out)
-        self.steps.append(
+        return self._add_step(
+            graph,
+            src,
+            res,
             {
                 "op": "conv",
                 "kind": kind,
-                "input": src,
-                "output": out,
-                "res": res,
                 "norm": None
                 if norm is None
                 else {"groups": int(norm.num_groups), "eps": float(norm.eps)},
                 "out_channels": int(w.shape[0]),
+            },
+        )
+
+    def _add_step(self, graph: Any, src: str, res: str | None, step: dict[str, Any]) -> str:
+        """Saves `graph` as the next step's segment file, inlines it in the fused graph and
+        records the step reading `src` (and `res`); returns the name of the map it writes."""
+        rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
+        _save(graph, self.folder / rel)
+        out = self._buffer()
+        self._inline(graph, src, res, out)
+        self.steps.append(
+            {
+                **step,
+                "input": src,
+                "output": out,
+                "res": res,
                 "layout": LAYOUT,
-                "file": rel,
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
+                **file_entry(self.folder, rel),
             }
         )
         return out
@@ -232,13 +242,8 @@ class _Builder:
             nodes, f"{self.part}_fused", inputs + self.fused_inputs, [output], self.fused_inits
         )
         rel = f"segments/{self.part}-fused.onnx"
-        path = _save(graph, self.folder / rel)
-        return {
-            "file": rel,
-            "norms": self.norms,
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-        }
+        _save(graph, self.folder / rel)
+        return {**file_entry(self.folder, rel), "norms": self.norms}
 
     def resnet(self, src: str, r: Any) -> str:
         if r.conv_shortcut is not None and r.conv_shortcut.kernel_size != (1, 1):
@@ -285,26 +290,7 @@ class _Builder:
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", channels, "h", "w"])],
             inits,
         )
-        rel = f"segments/{self.part}-{len(self.steps):03d}.onnx"
-        path = _save(graph, self.folder / rel)
-        out = self._buffer()
-        prefix = f"a{len(self.steps)}_"
-        nodes, inits = attention_nodes(qkv, out, heads=heads, channels=channels, prefix=prefix)
-        self.fused_nodes += nodes
-        self.fused_inits += inits
-        self.steps.append(
-            {
-                "op": "attend",
-                "input": qkv,
-                "output": out,
-                "heads": heads,
-                "layout": LAYOUT,
-                "file": rel,
-                "bytes": path.stat().st_size,
-                "sha256": sha256_file(path),
-            }
-        )
-        return out
+        return self._add_step(graph, qkv, None, {"op": "attend", "heads": heads})
 
     def mid(self, src: str, mid: Any) -> str:
         h = self.resnet(src, mid.resnets[0])
@@ -316,43 +302,40 @@ class _Builder:
 
 
 def attention_nodes(
-    qkv: str, out: str, *, heads: int, channels: int, prefix: str = ""
+    qkv: str, out: str, *, heads: int, channels: int
 ) -> tuple[list[Any], list[Any]]:
     """Nodes (and their constants) computing softmax(q k^T / sqrt(d)) v from `qkv` `[n, 3C, h, w]`
     (q, k and v stacked on channels, heads within each) into `out` `[n, C, h, w]`, with ONNX
-    Runtime's MultiHeadAttention over the `h * w` positions; `prefix` names the tensors."""
+    Runtime's MultiHeadAttention over the `h * w` positions."""
     from onnx import helper, numpy_helper
 
-    def name(n: str) -> str:
-        return prefix + n
-
     inits = [
-        numpy_helper.from_array(np.array([0, 3 * channels, -1], np.int64), name("flat")),
-        numpy_helper.from_array(np.array([0], np.int64), name("s0")),
-        numpy_helper.from_array(np.array([1], np.int64), name("s1")),
-        numpy_helper.from_array(np.array([2], np.int64), name("s2")),
-        numpy_helper.from_array(np.array([4], np.int64), name("s4")),
-        numpy_helper.from_array(np.array([channels], np.int64), name("c")),
+        numpy_helper.from_array(np.array([0, 3 * channels, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.array([0], np.int64), "s0"),
+        numpy_helper.from_array(np.array([1], np.int64), "s1"),
+        numpy_helper.from_array(np.array([2], np.int64), "s2"),
+        numpy_helper.from_array(np.array([4], np.int64), "s4"),
+        numpy_helper.from_array(np.array([channels], np.int64), "c"),
     ]
     node = helper.make_node
     nodes = [
-        node("Reshape", [qkv, name("flat")], [name("tokens_first")]),  # [n, 3C, hw]
-        node("Transpose", [name("tokens_first")], [name("tokens")], perm=[0, 2, 1]),
-        node("Split", [name("tokens")], [name("q"), name("k"), name("v")], axis=2),
+        node("Reshape", [qkv, "flat"], ["tokens_first"]),  # [n, 3C, hw]
+        node("Transpose", ["tokens_first"], ["tokens"], perm=[0, 2, 1]),
+        node("Split", ["tokens"], ["q", "k", "v"], axis=2),
         node(
             "MultiHeadAttention",
-            [name("q"), name("k"), name("v")],
-            [name("attended")],  # [n, hw, C]
+            ["q", "k", "v"],
+            ["attended"],  # [n, hw, C]
             domain=MS_DOMAIN,
             num_heads=heads,
             scale=float((channels // heads) ** -0.5),  # F.scaled_dot_product_attention's default
         ),
-        node("Transpose", [name("attended")], [name("channels_first")], perm=[0, 2, 1]),
-        node("Shape", [qkv], [name("shape")]),
-        node("Slice", [name("shape"), name("s0"), name("s1")], [name("n")]),
-        node("Slice", [name("shape"), name("s2"), name("s4")], [name("hw")]),
-        node("Concat", [name("n"), name("c"), name("hw")], [name("4d")], axis=0),
-        node("Reshape", [name("channels_first"), name("4d")], [out]),
+        node("Transpose", ["attended"], ["channels_first"], perm=[0, 2, 1]),
+        node("Shape", [qkv], ["shape"]),
+        node("Slice", ["shape", "s0", "s1"], ["n"]),
+        node("Slice", ["shape", "s2", "s4"], ["hw"]),
+        node("Concat", ["n", "c", "hw"], ["4d"], axis=0),
+        node("Reshape", ["channels_first", "4d"], [out]),
     ]
     return nodes, inits
 
