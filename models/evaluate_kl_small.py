@@ -31,8 +31,8 @@ import matplotlib
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from photos import HELD_OUT, load_photo, square
 from PIL import Image
-from skimage_photos import HELD_OUT, load_photo, square
 
 from vaelink.cards import ModelCard
 from vaelink.engine import Engine

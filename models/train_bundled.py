@@ -3,20 +3,22 @@ package (python/vaelink/models/vaelink-tiny/), so that vaelink works offline out
 
     python models/train_bundled.py                 # the shipped run (seeded; see models/README.md)
     python models/train_bundled.py --steps 50      # a quick smoke run into a scratch folder
-    python models/train_bundled.py --width 32 --steps 7000 --skimage-only --clip 0 \
-        --output /tmp/w32/vaelink-tiny             # the previous model (32 wide), for comparison
+    python models/train_bundled.py --photos packages --threads 2 \
+        --output /tmp/packages/vaelink-tiny        # the trial on more varied photos (not shipped)
 
 The model is an AutoencoderTiny-style (TAESD-family) autoencoder: spatial factor 8, 16 latent
-channels (like taesd3 / taef1), 48-wide conv blocks. Training data: openly licensed photos shipped
-inside scikit-image (colour photos drawn three times as often as gray ones) plus scikit-learn's
-`china.jpg`, random crops with flips and colour jitter (models/skimage_photos.py); `chelsea`,
-`rocket` and scikit-learn's `flower.jpg` are held out. Loss: mean squared error plus 0.1 x L1 on
-pixels in [-1, 1]; gradients clipped to norm 1.
+channels (like taesd3 / taef1), 48-wide conv blocks. Training data (models/photos.py): openly
+licensed photos shipped inside scikit-image (colour photos drawn three times as often as gray ones)
+plus scikit-learn's `china.jpg`, random crops with flips and colour jitter; `chelsea`, `rocket`,
+scikit-learn's `flower.jpg` and matplotlib's `grace_hopper.jpg` are held out. Loss: mean squared
+error plus 0.1 x L1 on pixels in [-1, 1]; gradients clipped to norm 1.
 
 Only the defaults reproduce the shipped model and export into the package; any other width, step
-count or photo set exports into a scratch folder (with its torch weights beside it).
-`--skimage-only` leaves out scikit-learn's `china.jpg` and scikit-image's gray `clock`, as the
-previous, 32-wide model was trained.
+count, photo set or thread count exports into a scratch folder. The torch weights are saved too
+(diffusers' format): a package run's in models/vaelink-tiny/, a scratch run's beside its export.
+`--photos skimage` leaves out `china.jpg` and scikit-image's gray `clock` (the 32-wide model before,
+with `--width 32 --steps 7000 --clip 0`); `--photos packages` adds the photos of pinned PyPI and
+Debian packages (SciPy, mahotas, MATE, Plasma; models/photos.py), which did not do better.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny
-from skimage_photos import (
+from photos import (
     BUNDLED_COLOUR,
     BUNDLED_GRAY,
     BUNDLED_HELD_OUT,
-    BUNDLED_TRAIN,
+    COLOUR,
+    GRAY,
     HELD_OUT,
-    TRAIN,
+    PACKAGES_COLOUR,
+    PACKAGES_GRAY,
+    PACKAGES_HELD_OUT,
     augment,
     training_photos,
 )
@@ -48,7 +53,15 @@ PACKAGE_EXPORT = (
     Path(__file__).resolve().parents[1] / "python" / "vaelink" / "models" / "vaelink-tiny"
 )
 TRAINING_RECORD = Path(__file__).resolve().parent / "vaelink-tiny-training.json"
-WIDTH, STEPS, CLIP = 48, 8000, 1.0  # the shipped model's
+# The shipped model's torch weights (diffusers format), for fine-tuning or warm starts.
+WEIGHTS = Path(__file__).resolve().parent / "vaelink-tiny"
+WIDTH, STEPS, CLIP, PHOTOS, THREADS = 48, 8000, 1.0, "more", 1  # the shipped model's
+# Photo sets (models/photos.py): name -> (colour, gray, held out).
+PHOTO_SETS = {
+    "skimage": (COLOUR, GRAY, HELD_OUT),
+    "more": (BUNDLED_COLOUR, BUNDLED_GRAY, BUNDLED_HELD_OUT),
+    "packages": (PACKAGES_COLOUR, PACKAGES_GRAY, PACKAGES_HELD_OUT),
+}
 
 
 def build_model(width: int = WIDTH) -> AutoencoderTiny:
@@ -69,14 +82,15 @@ def train(
     lr: float,
     log_every: int,
     width: int = WIDTH,
-    more_photos: bool = True,
+    photo_set: str = PHOTOS,
     clip: float | None = CLIP,
 ) -> tuple[AutoencoderTiny, dict]:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    photos = training_photos(BUNDLED_COLOUR, BUNDLED_GRAY) if more_photos else training_photos()
+    colour, gray, _ = PHOTO_SETS[photo_set]
+    photos = training_photos(colour, gray)
     model = build_model(width).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -131,16 +145,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--width", type=int, default=WIDTH, help="channels of every conv block")
     parser.add_argument(
-        "--skimage-only",
-        dest="more_photos",
-        action="store_false",
-        help="without china.jpg and clock (the previous model's photos)",
+        "--photos",
+        choices=PHOTO_SETS,
+        default=PHOTOS,
+        help="training photos: scikit-image's, 'more' (with china.jpg and clock), or 'packages' "
+        "(also those of pinned PyPI and Debian packages)",
     )
     parser.add_argument("--clip", type=float, default=CLIP, help="gradient norm clipping (0: none)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument(
         "--output",
         type=Path,
@@ -156,28 +171,30 @@ def main() -> None:
         args.lr,
         log_every=50,
         width=args.width,
-        more_photos=args.more_photos,
+        photo_set=args.photos,
         clip=args.clip,
     )
-    shipped = args.steps >= STEPS and args.width == WIDTH and args.more_photos
-    shipped = shipped and args.clip == CLIP
+    shipped = args.steps >= STEPS and args.width == WIDTH and args.photos == PHOTOS
+    shipped = shipped and args.clip == CLIP and args.threads == THREADS
     output = args.output or (PACKAGE_EXPORT if shipped else Path("vaelink-tiny-scratch"))
-    record.update(width=args.width, more_photos=args.more_photos, clip=args.clip)
+    record.update(width=args.width, photos=args.photos, clip=args.clip, threads=args.threads)
+    colour, gray, held_out = PHOTO_SETS[args.photos]
     source = {
         "location": "models/train_bundled.py",
         "training": {k: v for k, v in record.items() if k != "history"},
-        "train_photos": BUNDLED_TRAIN if args.more_photos else TRAIN,
-        "held_out_photos": BUNDLED_HELD_OUT if args.more_photos else HELD_OUT,
+        "train_photos": colour + gray,
+        "held_out_photos": held_out,
     }
     export_vae(
         model, get_card("vaelink-tiny"), output, variants=("float32", "float16"), source=source
     )
     # the loss curve: models/vaelink-tiny-training.json for the package, else beside the export
     if output == PACKAGE_EXPORT:
-        recorded = TRAINING_RECORD
+        recorded, weights = TRAINING_RECORD, WEIGHTS
     else:
         recorded = output.parent / f"{output.name}-training.json"
-        torch.save(model.state_dict(), output.parent / f"{output.name}-weights.pt")
+        weights = output.parent / f"{output.name}-weights"
+    model.save_pretrained(weights)
     recorded.write_text(json.dumps(record, indent=2) + "\n")
     print(f"exported to {output}")
 

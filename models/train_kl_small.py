@@ -8,7 +8,7 @@ of diffusers-style tiling show as seams (random weights show agreement, not seam
 The model is diffusers' `AutoencoderKL` as in Stable Diffusion, shrunk: four blocks (spatial factor
 8), widths (16, 32, 64, 64), one resnet per encoder block, GroupNorm with 8 groups, the mid-block
 self-attention, 4 latent channels. Training data: the openly licensed photos shipped inside
-scikit-image (models/skimage_photos.py, as for the bundled model; `chelsea` and `rocket` held out),
+scikit-image (models/photos.py, as for the bundled model; `chelsea` and `rocket` held out),
 random crops with flips and colour jitter. Loss: mean squared error on pixels in [-1, 1] plus the
 KL term at weight 1e-6 (relative to the per-image sum of the reconstruction loss, as Stable
 Diffusion's VAEs were trained). The scaling factor is computed as diffusers does: one over the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from skimage_photos import HELD_OUT, TRAIN, augment, load_photo, square, training_photos
+from photos import HELD_OUT, TRAIN, augment, load_photo, square, training_photos
 
 OUTPUT = Path(__file__).resolve().parent / "kl-small"
 BLOCKS = (16, 32, 64, 64)

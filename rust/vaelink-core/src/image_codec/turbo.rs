@@ -15,35 +15,44 @@ use crate::error::{Error, Result};
 /// seconds of CPU (libjpeg-turbo's own advice for untrusted input).
 const SCAN_LIMIT: c_int = 500;
 
-/// One TurboJPEG instance, destroyed on drop.
-struct Handle(NonNull<std::ffi::c_void>);
+/// One TurboJPEG instance, destroyed on drop, with the error kind of its direction (an encoder's
+/// failures are `Error::Encode`, a decoder's `Error::Decode`).
+struct Handle {
+    raw: NonNull<std::ffi::c_void>,
+    error: fn(String) -> Error,
+}
 
 impl Handle {
     fn new(kind: tj::TJINIT) -> Result<Self> {
+        let error = if kind == tj::TJINIT_TJINIT_COMPRESS {
+            Error::Encode
+        } else {
+            Error::Decode
+        };
         // SAFETY: tj3Init has no preconditions; it returns null on failure.
         let raw = unsafe { tj::tj3Init(kind as c_int) };
-        NonNull::new(raw)
-            .map(Self)
-            .ok_or_else(|| Error::Encode("libjpeg-turbo could not start (out of memory)".into()))
+        let raw = NonNull::new(raw)
+            .ok_or_else(|| error("libjpeg-turbo could not start (out of memory)".into()))?;
+        Ok(Self { raw, error })
     }
 
     fn set(&self, param: tj::TJPARAM, value: c_int) -> Result<()> {
         // SAFETY: the handle is live; an unknown parameter or value is an error return.
-        match unsafe { tj::tj3Set(self.0.as_ptr(), param as c_int, value) } {
+        match unsafe { tj::tj3Set(self.raw.as_ptr(), param as c_int, value) } {
             0 => Ok(()),
-            _ => Err(Error::Encode(self.message())),
+            _ => Err((self.error)(self.message())),
         }
     }
 
     fn get(&self, param: tj::TJPARAM) -> c_int {
         // SAFETY: the handle is live; an unknown parameter gives -1.
-        unsafe { tj::tj3Get(self.0.as_ptr(), param as c_int) }
+        unsafe { tj::tj3Get(self.raw.as_ptr(), param as c_int) }
     }
 
     /// The last call's error message.
     fn message(&self) -> String {
         // SAFETY: the handle is live; the string is owned by it and copied out at once.
-        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0.as_ptr())) }
+        unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.raw.as_ptr())) }
             .to_string_lossy()
             .into_owned()
     }
@@ -52,14 +61,14 @@ impl Handle {
     /// truncated file, whose missing rows libjpeg-turbo fills in.
     fn warned(&self) -> bool {
         // SAFETY: the handle is live.
-        unsafe { tj::tj3GetErrorCode(self.0.as_ptr()) == tj::TJERR_TJERR_WARNING as c_int }
+        unsafe { tj::tj3GetErrorCode(self.raw.as_ptr()) == tj::TJERR_TJERR_WARNING as c_int }
     }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: created by tj3Init, destroyed once.
-        unsafe { tj::tj3Destroy(self.0.as_ptr()) }
+        unsafe { tj::tj3Destroy(self.raw.as_ptr()) }
     }
 }
 
@@ -116,7 +125,7 @@ pub(super) fn compress(
     // `bound` writable bytes and NOREALLOC keeps TurboJPEG within them; `size` says how many.
     let status = unsafe {
         tj::tj3Compress8(
-            handle.0.as_ptr(),
+            handle.raw.as_ptr(),
             pixels.as_ptr(),
             w,
             pitch,
@@ -186,7 +195,7 @@ impl Decoder {
         // this handle read from these same bytes.
         let status = unsafe {
             tj::tj3Decompress8(
-                handle.0.as_ptr(),
+                handle.raw.as_ptr(),
                 bytes.as_ptr(),
                 bytes.len() as tj::size_t,
                 pixels.as_mut_ptr(),
@@ -210,7 +219,7 @@ impl Decoder {
 fn read_header(handle: &Handle, bytes: &[u8]) -> Option<Header> {
     // SAFETY: the pointer and length describe `bytes`.
     let status = unsafe {
-        tj::tj3DecompressHeader(handle.0.as_ptr(), bytes.as_ptr(), bytes.len() as tj::size_t)
+        tj::tj3DecompressHeader(handle.raw.as_ptr(), bytes.as_ptr(), bytes.len() as tj::size_t)
     };
     let colorspace = handle.get(tj::TJPARAM_TJPARAM_COLORSPACE);
     let plain = [tj::TJCS_TJCS_YCbCr, tj::TJCS_TJCS_GRAY, tj::TJCS_TJCS_RGB]
@@ -286,5 +295,16 @@ mod tests {
         broken[scan..].fill(0xFF);
         // Either filled in as a warning or refused: never a crash.
         let _ = Decoder::open(&broken).map(|d| d.decompress(&broken));
+    }
+
+    #[test]
+    fn errors_name_the_handles_direction() {
+        // Quality means nothing to a decoder, and 1000 is out of range for an encoder.
+        let decoder = Handle::new(tj::TJINIT_TJINIT_DECOMPRESS).unwrap();
+        let err = decoder.set(tj::TJPARAM_TJPARAM_QUALITY, 90).unwrap_err();
+        assert!(matches!(err, Error::Decode(_)), "{err:?}");
+        let encoder = Handle::new(tj::TJINIT_TJINIT_COMPRESS).unwrap();
+        let err = encoder.set(tj::TJPARAM_TJPARAM_QUALITY, 1000).unwrap_err();
+        assert!(matches!(err, Error::Encode(_)), "{err:?}");
     }
 }
