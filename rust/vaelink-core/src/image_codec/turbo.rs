@@ -219,7 +219,11 @@ impl Decoder {
 fn read_header(handle: &Handle, bytes: &[u8]) -> Option<Header> {
     // SAFETY: the pointer and length describe `bytes`.
     let status = unsafe {
-        tj::tj3DecompressHeader(handle.raw.as_ptr(), bytes.as_ptr(), bytes.len() as tj::size_t)
+        tj::tj3DecompressHeader(
+            handle.raw.as_ptr(),
+            bytes.as_ptr(),
+            bytes.len() as tj::size_t,
+        )
     };
     let colorspace = handle.get(tj::TJPARAM_TJPARAM_COLORSPACE);
     let plain = [tj::TJCS_TJCS_YCbCr, tj::TJCS_TJCS_GRAY, tj::TJCS_TJCS_RGB]
