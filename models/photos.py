@@ -18,6 +18,7 @@ metadata.json).
 from __future__ import annotations
 
 import bz2
+import pickle
 import random
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def _fetch(registry: str, pin: str) -> Path:
     folder = CACHE / pin.replace("==", "-").replace("=", "-").replace(":", "-")
     if folder.exists():
         return folder
-    with tempfile.TemporaryDirectory(dir=CACHE.parent if CACHE.parent.exists() else None) as tmp:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Unpacked beside the cache folder, so that the final rename stays on one disk.
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         if registry == "pypi":
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary",
@@ -114,7 +117,6 @@ def _fetch(registry: str, pin: str) -> Path:
             subprocess.run(["apt-get", "download", "-q", pin], cwd=tmp, check=True)
             (deb,) = Path(tmp).glob("*.deb")
             subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         (Path(tmp) / "x").rename(folder)
     return folder
 
@@ -126,8 +128,6 @@ def packaged_photo(name: str) -> np.ndarray:
     if name == "scipy_face":
         return np.frombuffer(bz2.decompress(path.read_bytes()), np.uint8).reshape(768, 1024, 3)
     if name == "scipy_ascent":
-        import pickle
-
         return np.asarray(pickle.loads(path.read_bytes()), np.float64)
     image = Image.open(path).convert("RGB")
     scale = PACKAGED_SHORT_SIDE / min(image.size)
@@ -140,8 +140,6 @@ def packaged_photo(name: str) -> np.ndarray:
 
 def sklearn_photo(file: str) -> np.ndarray:
     """One of the sample photos that ship inside scikit-learn (`china.jpg`, `flower.jpg`)."""
-    from pathlib import Path
-
     import sklearn.datasets
 
     path = Path(sklearn.datasets.__file__).parent / "images" / file
